@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests import the flat top-level modules (sigma, diffusion, ...) from the repository root.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test that still runs in CI (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
