@@ -1,0 +1,204 @@
+"""Diffusion for PixArt-Σ: the noise schedule, the training loss and two samplers.
+
+PixArt-Σ (Chen et al. 2024, arXiv 2403.04692) keeps the diffusion of DiT / PixArt-α unchanged:
+a 1000-step DDPM with a linear β schedule (Ho et al. 2020, arXiv 2006.11239), ε-prediction, and
+IDDPM's learned-range variance (Nichol & Dhariwal 2021, arXiv 2102.09672). The network returns 2C
+channels, ε̂ and v ∈ [−1, 1]; v interpolates the reverse-step variance in log space between the two
+DDPM choices, log Σ = frac·log β_t + (1 − frac)·log β̃_t with frac = (v + 1)/2 (IDDPM eq. 15).
+
+- Training: L = ‖ε − ε̂‖² + L_vb, IDDPM's hybrid loss (eq. 16). With T = 1000 and λ = 0.001 the
+  VB part is one per-timestep KL in bits. Its mean is detached so that only v learns from it.
+- `dpm_solver`: DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2), step for step what
+  diffusers' DPMSolverMultistepScheduler does with its defaults (the sampler in diffusers'
+  PixArtSigmaPipeline): M steps at t_i = round(linspace(0, 999, M + 1))[::-1][:-1], first order on
+  the first step, second order after that, and a last first-order step to σ = 0 (the x̂_0 prediction).
+- `ancestral`: IDDPM's sampler respaced to any number of steps. This is the native sampler of the
+  learned variance (the official repo's `IDDPM(100)`) and it shows what the variance head is for.
+
+Notation (VP): x_t = α_t x_0 + σ_t ε with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t); λ_t = log(α_t/σ_t) is
+half the log-SNR; h = λ_t − λ_s is a step in λ. Tensors are latents (N, C, H, W); t is (N,) long.
+The schedules are float64 and the sampler state float32, even when the network runs in bf16.
+
+    model_fn = guided(model, y, mask, y_null, mask_null, scale=4.5)
+    x0 = dpm_solver(model_fn, torch.randn(1, 4, 128, 128), steps=20)   # then decode with the VAE
+"""
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+NUM_TIMESTEPS = 1000
+
+
+def betas():
+    """β_t for t = 0..999, linear from 1e-4 to 0.02 (DDPM §4), float64."""
+    return torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64)
+
+
+def alphas_cumprod():
+    """ᾱ_t = Π_{s≤t} (1 − β_s), float64 (T,)."""
+    return torch.cumprod(1 - betas(), dim=0)
+
+
+def _at(a, t, x):
+    """a[t] of a float64 schedule (T,) as float32 (N, 1, 1, 1) on x's device, to broadcast against x."""
+    return a[t.long().cpu()].to(x.device, torch.float32).view(-1, *[1] * (x.ndim - 1))
+
+
+def q_sample(x0, t, noise):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: a draw from q(x_t | x_0) (DDPM eq. 4)."""
+    ac = alphas_cumprod()
+    return _at(ac.sqrt(), t, x0) * x0 + _at((1 - ac).sqrt(), t, x0) * noise
+
+
+def _posterior(ac):
+    """Coefficients of q(x_{t−1} | x_t, x_0) = N(c0·x_0 + ct·x_t, β̃_t) (DDPM eqs. 6–7) for a chain with
+    cumulative products ac (the full 1000 steps, or a respaced subset: then β_t = 1 − ᾱ_t/ᾱ_{t−1})."""
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+    beta = 1 - ac / ac_prev
+    var = beta * (1 - ac_prev) / (1 - ac)  # β̃_t; β̃_0 = 0
+    log_var = torch.log(torch.cat([var[1:2], var[1:]]))  # log β̃_t with t = 0 clipped to t = 1, as IDDPM
+    c0 = beta * ac_prev.sqrt() / (1 - ac)
+    ct = (1 - ac_prev) * (1 - beta).sqrt() / (1 - ac)
+    return beta, log_var, c0, ct
+
+
+def _p_mean_log_var(out, x, i, ac):
+    """The model's reverse step p(x_{t−1} | x_t) = N(mean, exp(log_var)) at position i of the chain ac.
+    out: (N, 2C or C, H, W) float32 network output; x: (N, C, H, W) = x_t."""
+    beta, post_log_var, c0, ct = _posterior(ac)
+    C = x.shape[1]
+    x0 = (x - _at((1 - ac).sqrt(), i, x) * out[:, :C]) / _at(ac.sqrt(), i, x)  # invert eq. 4 with ε̂
+    mean = _at(c0, i, x) * x0 + _at(ct, i, x) * x  # posterior mean at x̂_0 (DDPM eq. 7)
+    if out.shape[1] == 2 * C:  # learned range (IDDPM eq. 15)
+        frac = (out[:, C:] + 1) / 2
+        log_var = frac * _at(beta.log(), i, x) + (1 - frac) * _at(post_log_var, i, x)
+    else:  # an ε-only model has no variance head: fall back to the posterior variance β̃_t (DDPM §3.2)
+        log_var = _at(post_log_var, i, x).expand_as(x)
+    return mean, log_var
+
+
+def _decoder_nll(x0, mean, log_var):
+    """−log₂ p(x_0 | x_1) per element: the Gaussian's mass on x_0's bin, for data in [−1, 1] cut into 256
+    bins of width 2/255 whose edge bins reach ±∞ (DDPM eq. 13). Exact Φ (IDDPM uses a tanh fit)."""
+    std = torch.exp(0.5 * log_var)
+    upper = torch.where(x0 > 0.999, 1.0, torch.special.ndtr((x0 + 1 / 255 - mean) / std))
+    lower = torch.where(x0 < -0.999, 0.0, torch.special.ndtr((x0 - 1 / 255 - mean) / std))
+    return -torch.log((upper - lower).clamp(min=1e-12)) / math.log(2)
+
+
+def training_losses(model, x0, t, y, mask, noise=None):
+    """IDDPM's hybrid loss per sample: dict(loss, mse, vb), each (N,) float32.
+    x0: (N, C, H, W) clean latents; t: (N,) long in [0, 1000); y, mask: the caption, passed through."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_t = q_sample(x0, t, noise)
+    out = model(x_t, t, y, mask).float()  # (N, 2C, H, W): ε̂, v
+    C = x0.shape[1]
+    if out.shape[1] != 2 * C:
+        raise ValueError(f"the model must return 2*C = {2 * C} channels (ε and v), got {out.shape[1]}")
+    mse = ((noise - out[:, :C]) ** 2).flatten(1).mean(1)  # L_simple (DDPM eq. 14)
+
+    # L_vb = KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) in bits, with ε̂ detached so that this term
+    # trains only the variance; L_simple alone trains the mean (IDDPM §3.1)
+    ac = alphas_cumprod()
+    mean, log_var = _p_mean_log_var(torch.cat([out[:, :C].detach(), out[:, C:]], 1), x_t, t, ac)
+    _, post_log_var, c0, ct = _posterior(ac)
+    q_mean, q_log_var = _at(c0, t, x0) * x0 + _at(ct, t, x0) * x_t, _at(post_log_var, t, x0)
+    kl = 0.5 * (log_var - q_log_var + torch.exp(q_log_var - log_var) + (q_mean - mean) ** 2 * torch.exp(-log_var) - 1)
+    kl = kl.flatten(1).mean(1) / math.log(2)
+    nll = _decoder_nll(x0, mean, log_var).flatten(1).mean(1)  # t = 0 has no posterior: L_0 instead
+    vb = torch.where(t.to(kl.device) == 0, nll, kl)
+    return dict(loss=mse + vb, mse=mse, vb=vb)
+
+
+def guided(model, y, mask, y_null, mask_null, scale):
+    """Classifier-free guidance (Ho & Salimans 2022) as diffusers' PixArtSigmaPipeline does it: one forward
+    of 2N samples (null caption first, then the caption), out = uncond + scale·(cond − uncond) on the whole
+    output (ε and v). scale ≤ 1 runs the caption alone (diffusers guides only when scale > 1).
+    y: (N, L, D), mask: (N, L); y_null: (L, D) or (1, L, D), mask_null: (L,) or (1, L), broadcast to N.
+    Returns model_fn(x, t) -> (N, 2C, H, W) float32. x is cast to y's dtype (the network's)."""
+    N = y.shape[0]
+    if y_null.shape[-2:] != y.shape[1:] or mask_null.shape[-1] != mask.shape[1]:
+        raise ValueError(f"null caption {tuple(y_null.shape)}, mask {tuple(mask_null.shape)} does not match the caption "
+                         f"{tuple(y.shape)}, mask {tuple(mask.shape)}: pad both to the same length L")
+    y_null = y_null.reshape(-1, *y.shape[1:]).to(y).expand_as(y)
+    mask_null = mask_null.reshape(-1, mask.shape[1]).to(mask).expand_as(mask)
+
+    def model_fn(x, t):
+        if scale <= 1:
+            return model(x.to(y.dtype), t, y, mask).float()
+        out = model(torch.cat([x, x]).to(y.dtype), torch.cat([t, t]), torch.cat([y_null, y]), torch.cat([mask_null, mask]))
+        uncond, cond = out.float().split(N)  # (N, 2C, H, W) each
+        return uncond + scale * (cond - uncond)
+
+    return model_fn
+
+
+def _check_steps(steps):
+    if not 1 <= steps <= NUM_TIMESTEPS:
+        raise ValueError(f"steps must be in 1..{NUM_TIMESTEPS}, got {steps}")
+
+
+def dpm_timesteps(steps):
+    """t_0 > t_1 > ... > t_{M−1}: diffusers' 'linspace' spacing, round(linspace(0, 999, M + 1)) reversed,
+    without its final 0 (the last step goes to σ = 0 instead). 20 → [999, 949, ..., 100, 50]. (M,) long."""
+    _check_steps(steps)
+    return torch.from_numpy(np.linspace(0, NUM_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].copy()).long()
+
+
+@torch.no_grad()
+def dpm_solver(model_fn, x, steps=20, progress=True):
+    """DPM-Solver++(2M) from x = x_{t_0} (pure noise, (N, C, H, W)) to x̂_0, float32.
+    model_fn(x, t) -> (N, 2C or C, H, W); its first C channels are ε̂."""
+    ts = dpm_timesteps(steps)
+    ac = alphas_cumprod()[ts]
+    # α, σ, λ at t_0..t_{M−1}, then the end point σ = 0 (α = 1, λ = +∞), all float64 scalars
+    alpha, sigma = ac.sqrt().tolist() + [1.0], (1 - ac).sqrt().tolist() + [0.0]
+    lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])] + [math.inf]
+    x, C = x.float(), x.shape[1]
+    x0_prev = None
+    for i in tqdm(range(steps), desc="dpm-solver++", disable=not progress):
+        eps = model_fn(x, ts[i].expand(x.shape[0]).to(x.device))[:, :C].float()
+        x0 = (x - sigma[i] * eps) / alpha[i]  # data prediction x_θ(x_t, t), the quantity DPM-Solver++ integrates
+        if i == steps - 1:
+            # last step, to σ = 0: the first-order update below has σ_{t_M} = 0 and e^{−h} = 0, so it lands on
+            # x_θ = E[x_0 | x_{t_{M−1}}] (t = 50 for 20 steps), slightly smoother than the ODE's own end point
+            x = x0
+            break
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None:  # first step: no history yet, first order (DPM-Solver++1 = DDIM)
+            D = x0
+        else:  # multistep second order: a linear extrapolation of x_θ in λ, with r = h_{i−1}/h_i (Alg. 2)
+            r = (lam[i] - lam[i - 1]) / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        # exact solution of the data-prediction ODE with x_θ ≈ D constant over the step (Lu et al. §4.1):
+        # x_{t_{i+1}} = (σ_{t_{i+1}}/σ_{t_i}) x_{t_i} − α_{t_{i+1}} (e^{−h} − 1) D
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * D
+        x0_prev = x0
+    return x
+
+
+@torch.no_grad()
+def ancestral(model_fn, x, steps=100, generator=None, progress=True):
+    """IDDPM ancestral sampling with the learned variance, respaced to `steps` of the 1000 timesteps.
+    x: (N, C, H, W) noise; model_fn(x, t) -> (N, 2C, H, W) (or (N, C, H, W): then Σ = β̃_t).
+    Noise is drawn on the CPU with `generator` (a CPU torch.Generator, or None) and moved to x's device."""
+    _check_steps(steps)
+    # respacing (IDDPM §4): keep timesteps evenly spaced over 0..999 (rounded), then rebuild a shorter chain
+    # with the same ᾱ at the kept steps, i.e. β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}}; the network still sees t_i
+    stride, kept, s = (NUM_TIMESTEPS - 1) / max(steps - 1, 1), [], 0.0
+    for _ in range(steps):
+        kept.append(round(s))
+        s += stride
+    ac = alphas_cumprod()[kept]  # (steps,) ᾱ of the respaced chain
+    x = x.float()
+    for i in tqdm(reversed(range(steps)), total=steps, desc="ancestral", disable=not progress):
+        t = torch.full((x.shape[0],), kept[i], dtype=torch.long, device=x.device)
+        mean, log_var = _p_mean_log_var(model_fn(x, t).float(), x, torch.full_like(t, i), ac)
+        if i > 0:  # x_{t−1} = μ + Σ^½ z; the last step (t = 0) returns the mean
+            z = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+            x = mean + torch.exp(0.5 * log_var) * z
+        else:
+            x = mean
+    return x
