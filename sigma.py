@@ -1,0 +1,519 @@
+"""
+PixArt-Σ, the Diffusion Transformer (Chen et al., "PixArt-Σ: Weak-to-Strong Training of Diffusion
+Transformer for 4K Text-to-Image Generation", arXiv 2403.04692), in one file.
+
+The network is DiT (Peebles & Xie, arXiv 2212.09748) turned into a text-to-image model. Deltas against DiT:
+- adaLN-single: the timestep goes through ONE shared MLP (`t_block`) to 6 modulation vectors; each block
+  only adds its own learned `scale_shift_table` to them (DiT has a modulation MLP per block: -27% params).
+- text comes in through a cross-attention after every self-attention, over T5-XXL features (N, 300, 4096);
+  padded caption tokens get zero attention weight.
+- position embeddings are recomputed for any token grid, scaled by `pe_interpolation` so that every
+  released model sees positions in [0, 32) whatever its training resolution (multi-aspect, up to 4K).
+- KV token compression (the paper's contribution, §3.2): in the deep layers the keys and values, not the
+  queries, are merged 2×2 by a depthwise conv + LayerNorm, so self-attention costs 4× less at 4K.
+- the output has 8 channels: 4 for ε and 4 that interpolate the variance (IDDPM's learned range).
+
+Letters: N batch, C latent channels, H×W latent size, h×w token grid, T = h·w image tokens,
+L caption tokens, D width, S heads. Module names ARE the official checkpoint's keys, so an official
+.pth loads as the identity; diffusers' layout goes through `convert_diffusers`.
+
+    model = load_checkpoint("PixArt-Sigma-XL-2-1024-MS.pth")   # or a diffusers folder, or our own
+    out = model(x, t, y, mask)                                 # (N, 8, H, W): ε and variance
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SigmaConfig:
+    depth: int = 28                     # transformer blocks
+    hidden_size: int = 1152             # D
+    num_heads: int = 16                 # S heads of 72
+    patch_size: int = 2                 # p: latent p×p patches become tokens
+    in_channels: int = 4                # C: SDXL-VAE latent channels
+    out_channels: int = 8               # ε (C) + variance interpolation (C)
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096        # T5-XXL width
+    caption_tokens: int = 300           # T5 sequence length the model was trained with
+    sample_size: int = 128              # latent size of the training resolution (1024 px / 8)
+    pe_interpolation: float = 2.0       # training size / 512: keeps positions in [0, 32)
+    kv_compress_layers: tuple = ()      # block indices with KV compression (paper: the deep half, 14..27)
+    kv_compress_ratio: int = 2          # keys/values merged ratio×ratio
+    kv_compress_mode: str = "conv"      # 'conv' (learned, paper) | 'uniform' (strided) | 'avgpool' (2×2 mean)
+
+    def __post_init__(self):
+        self.kv_compress_layers = tuple(int(i) for i in self.kv_compress_layers)
+        if self.kv_compress_mode not in ("conv", "uniform", "avgpool"):
+            raise ValueError(f"kv_compress_mode must be 'conv', 'uniform' or 'avgpool', got {self.kv_compress_mode!r}")
+        if bad := [i for i in self.kv_compress_layers if not 0 <= i < self.depth]:
+            raise ValueError(f"kv_compress_layers {bad} outside the {self.depth} blocks")
+
+    @property
+    def base_size(self):  # token grid side of the training resolution
+        return self.sample_size // self.patch_size
+
+
+# The released XL/2 models (REFERENCE §1): same network, different training resolution.
+CONFIGS = {
+    "256": SigmaConfig(sample_size=32, pe_interpolation=0.5),
+    "512": SigmaConfig(sample_size=64, pe_interpolation=1.0),
+    "1024": SigmaConfig(sample_size=128, pe_interpolation=2.0),
+    "2K": SigmaConfig(sample_size=256, pe_interpolation=4.0),
+}
+KV_DEEP_HALF = tuple(range(14, 28))  # the official KV-compression config: compress blocks 14..27
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def sincos_1d(dim, pos):
+    """(P,) positions -> (P, dim) [sin | cos] features, frequencies 1/10000^(i/(dim/2)), in float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]  # (P, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def pos_embed_2d(dim, h, w, base_size, pe_interpolation):
+    """(h·w, dim) position table for an h×w grid; row-major tokens, first half encodes the column."""
+    # Positions are rescaled to the training grid (base_size) and divided by pe_interpolation, so a
+    # model trained at 1024² (base 64, interpolation 2) sees [0, 32) on any grid: this is the whole
+    # "higher resolution" step of weak-to-strong training. Float32 grid, float64 sin/cos, as the official code.
+    grid_h = torch.arange(h, dtype=torch.float32) / (h / base_size) / pe_interpolation
+    grid_w = torch.arange(w, dtype=torch.float32) / (w / base_size) / pe_interpolation
+    gh, gw = torch.meshgrid(grid_h, grid_w, indexing="ij")  # (h, w) each
+    return torch.cat([sincos_1d(dim // 2, gw.flatten()), sincos_1d(dim // 2, gh.flatten())], dim=1).float()
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(N,) timesteps -> (N, dim) [cos | sin] features (DiT/ADM convention), float32."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]  # (N, dim/2)
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class Mlp(nn.Module):  # fc1 -> GELU(tanh) -> fc2: the block MLP and the caption projection
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, D):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, c_in, D, tokens):
+        super().__init__()
+        self.y_proj = Mlp(c_in, D, D)
+        # The null caption T5("") kept with the weights (official checkpoints store it; caption dropout uses it).
+        self.register_buffer("y_embedding", torch.randn(tokens, c_in) / c_in**0.5)
+
+    def forward(self, y):
+        return self.y_proj(y)  # (N, L, D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens, optionally with KV token compression (paper §3.2)."""
+
+    def __init__(self, D, num_heads, kv_compress=None, ratio=2):
+        super().__init__()
+        self.num_heads, self.kv_compress, self.ratio = num_heads, kv_compress, ratio
+        self.qkv = nn.Linear(D, 3 * D)  # fused q, k, v
+        self.proj = nn.Linear(D, D)
+        if kv_compress == "conv":
+            # One depthwise ratio×ratio conv, shared by K and V, then a LayerNorm. Initialised to a plain
+            # average (weights 1/ratio²) so adding it to a trained model starts close to no compression.
+            self.sr = nn.Conv2d(D, D, kernel_size=ratio, stride=ratio, groups=D)
+            self.norm = nn.LayerNorm(D)
+
+    def compress(self, kv, hw):
+        """(M, T, D) keys or values on an h×w grid -> (M, T/ratio², D)."""
+        (h, w), r = hw, self.ratio
+        M, T, D = kv.shape
+        if h % r or w % r:
+            raise ValueError(f"KV compression ×{r} needs a token grid divisible by {r}, got {h}×{w} tokens: "
+                             f"use image sides that are multiples of {8 * 2 * r} px (latent multiples of {2 * r})")
+        if self.kv_compress == "uniform":  # keep the top-left token of every r×r patch
+            return kv.view(M, h, w, D)[:, ::r, ::r].reshape(M, -1, D)
+        kv = kv.transpose(1, 2).reshape(M, D, h, w)  # (M, D, h, w)
+        if self.kv_compress == "avgpool":
+            return F.avg_pool2d(kv, r).flatten(2).transpose(1, 2)  # (M, T/r², D)
+        return self.norm(self.sr(kv).flatten(2).transpose(1, 2))  # (M, T/r², D)
+
+    def forward(self, x, hw):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × (N, T, D)
+        if self.kv_compress:
+            k, v = self.compress(torch.cat([k, v]), hw).chunk(2)  # 2 × (N, T/r², D); queries keep all T
+        q, k, v = (z.view(N, -1, self.num_heads, D // self.num_heads).transpose(1, 2) for z in (q, k, v))  # (N, S, ·, D/S)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, S, T, D/S)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to caption tokens (keys/values); padded tokens are masked out."""
+
+    def __init__(self, D, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(D, D)
+        self.kv_linear = nn.Linear(D, 2 * D)  # fused k, v
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x, y, mask):
+        (N, T, D), L, S = x.shape, y.shape[1], self.num_heads
+        q = self.q_linear(x).view(N, T, S, D // S).transpose(1, 2)  # (N, S, T, D/S)
+        k, v = self.kv_linear(y).view(N, L, 2, S, D // S).permute(2, 0, 3, 1, 4)  # 2 × (N, S, L, D/S)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (N, 1, 1, L): exact zero weight
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class PixArtBlock(nn.Module):
+    def __init__(self, config, kv_compress=None):
+        super().__init__()
+        D = config.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(D, config.num_heads, kv_compress, config.kv_compress_ratio)
+        self.cross_attn = CrossAttention(D, config.num_heads)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(D, int(D * config.mlp_ratio), D)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)  # adaLN-single: per-block offsets
+
+    def forward(self, x, y, mask, t0, hw):
+        N, D = x.shape[0], x.shape[2]
+        mods = (self.scale_shift_table[None] + t0.view(N, 6, D)).chunk(6, dim=1)  # 6 × (N, 1, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw)
+        x = x + self.cross_attn(x, y, mask)  # no norm, no modulation, no gate (as the released models)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, D, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # 2 × (N, 1, D); raw t, not t0
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p·p·C_out)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, p, c_in, D):
+        super().__init__()
+        self.proj = nn.Conv2d(c_in, D, kernel_size=p, stride=p)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D), row-major
+
+
+class PixArtSigma(nn.Module):
+    def __init__(self, config: SigmaConfig):
+        super().__init__()
+        self.config, D = config, config.hidden_size
+        self.gradient_checkpointing = False
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single, shared by all blocks
+        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.caption_tokens)
+        self.blocks = nn.ModuleList([
+            PixArtBlock(config, config.kv_compress_mode if i in config.kv_compress_layers else None)
+            for i in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self._pos_cache = {}
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Init for training from scratch (official PixArt / DiT recipe)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # xavier everywhere, zero bias
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight  # patch embed initialised like a Linear (DiT)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(lin.weight, std=0.02)  # small conditioning MLPs (DiT §3.2, PixArt)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)  # zero: each cross-attention starts as identity
+            nn.init.zeros_(block.cross_attn.proj.bias)
+            if hasattr(block.attn, "sr"):  # averaging conv: compression starts as 2×2 mean pooling
+                nn.init.constant_(block.attn.sr.weight, 1 / self.config.kv_compress_ratio**2)
+                nn.init.zeros_(block.attn.sr.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)  # zero: the model starts by predicting 0
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def pos_embed(self, h, w, device, dtype):
+        key = (h, w, device, dtype)
+        if key not in self._pos_cache:
+            c = self.config
+            self._pos_cache[key] = pos_embed_2d(c.hidden_size, h, w, c.base_size, c.pe_interpolation).to(device, dtype)
+        return self._pos_cache[key]  # (T, D)
+
+    def forward(self, x, t, y, mask):
+        """x (N, C, H, W) latent, t (N,) timesteps, y (N, L, 4096) caption features, mask (N, L) 1 = real."""
+        c, (N, _, H, W) = self.config, x.shape
+        p, dtype = c.patch_size, self.x_embedder.proj.weight.dtype
+        if H % p or W % p:
+            raise ValueError(f"latent sides must be multiples of the patch size {p}, got {H}×{W}")
+        h, w = H // p, W // p
+        x = self.x_embedder(x.to(dtype)) + self.pos_embed(h, w, x.device, dtype)  # (N, T, D)
+        t = self.t_embedder(t.expand(N) if t.dim() == 0 else t)  # (N, D)
+        t0 = self.t_block(t)  # (N, 6D)
+        y = self.y_embedder(y.to(dtype))  # (N, L, D)
+        mask = mask.bool()[:, None, None, :]  # (N, 1, 1, L): True = attend
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, mask, t0, (h, w), use_reentrant=False)
+            else:
+                x = block(x, y, mask, t0, (h, w))
+        x = self.final_layer(x, t)  # (N, T, p·p·C_out)
+        x = x.view(N, h, w, p, p, c.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(N, c.out_channels, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: the official .pth, diffusers' PixArtTransformer2DModel, and our own safetensors.
+
+def _diffusers_pairs(depth):
+    """(our name, diffusers name) for every tensor; a tuple of diffusers names = our fused tensor, split on dim 0."""
+    mods = [("x_embedder.proj", "pos_embed.proj"),
+            ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
+            ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+            ("t_block.1", "adaln_single.linear"),
+            ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
+            ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
+            ("final_layer.linear", "proj_out")]
+    for i in range(depth):
+        a, b = f"blocks.{i}.", f"transformer_blocks.{i}."
+        mods += [(a + "attn.qkv", tuple(b + f"attn1.to_{n}" for n in "qkv")),
+                 (a + "attn.proj", b + "attn1.to_out.0"),
+                 (a + "cross_attn.q_linear", b + "attn2.to_q"),
+                 (a + "cross_attn.kv_linear", (b + "attn2.to_k", b + "attn2.to_v")),
+                 (a + "cross_attn.proj", b + "attn2.to_out.0"),
+                 (a + "mlp.fc1", b + "ff.net.0.proj"),
+                 (a + "mlp.fc2", b + "ff.net.2")]
+    pairs = [(f"{a}.{s}", tuple(f"{n}.{s}" for n in b) if isinstance(b, tuple) else f"{b}.{s}")
+             for a, b in mods for s in ("weight", "bias")]
+    pairs += [(f"blocks.{i}.scale_shift_table", f"transformer_blocks.{i}.scale_shift_table") for i in range(depth)]
+    return pairs + [("final_layer.scale_shift_table", "scale_shift_table")]
+
+
+def convert_diffusers(sd):
+    """diffusers PixArtTransformer2DModel state dict -> ours (pure; unknown keys pass through to be reported)."""
+    sd, out = dict(sd), {}
+    if micro := [k for k in sd if "resolution_embedder" in k or "aspect_ratio_embedder" in k]:
+        print(f"sigma: ignoring {len(micro)} PixArt-α micro-condition tensors (size/aspect embedders)", file=sys.stderr)
+        for k in micro:
+            del sd[k]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
+    for ours, theirs in _diffusers_pairs(depth):
+        if isinstance(theirs, tuple) and all(n in sd for n in theirs):
+            out[ours] = torch.cat([sd.pop(n) for n in theirs])
+        elif isinstance(theirs, str) and theirs in sd:
+            out[ours] = sd.pop(theirs)
+    return {**out, **sd}
+
+
+def to_diffusers(sd):
+    """Our state dict -> diffusers' names (the inverse of convert_diffusers); the null caption is dropped."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    out = {}
+    for ours, theirs in _diffusers_pairs(depth):
+        if isinstance(theirs, tuple):
+            out.update(zip(theirs, sd[ours].chunk(len(theirs))))
+        else:
+            out[theirs] = sd[ours]
+    return out
+
+
+def diffusers_config(config: SigmaConfig):
+    """diffusers' PixArtTransformer2DModel config.json for our config."""
+    c = config
+    return {"_class_name": "PixArtTransformer2DModel", "activation_fn": "gelu-approximate", "attention_bias": True,
+            "attention_head_dim": c.hidden_size // c.num_heads, "attention_type": "default",
+            "caption_channels": c.caption_channels, "cross_attention_dim": c.hidden_size, "dropout": 0.0,
+            "in_channels": c.in_channels, "interpolation_scale": c.pe_interpolation, "norm_elementwise_affine": False,
+            "norm_eps": 1e-6, "norm_num_groups": 32, "norm_type": "ada_norm_single", "num_attention_heads": c.num_heads,
+            "num_embeds_ada_norm": 1000, "num_layers": c.depth, "out_channels": c.out_channels,
+            "patch_size": c.patch_size, "sample_size": c.sample_size, "upcast_attention": False,
+            "use_additional_conditions": False}  # must be explicit: unset, diffusers turns it on at sample_size 128
+
+
+def config_from_diffusers(d):
+    heads = d.get("num_attention_heads", 16)
+    interp = d.get("interpolation_scale") or max(d.get("sample_size", 128) // 64, 1)
+    return SigmaConfig(depth=d.get("num_layers", 28), hidden_size=heads * d.get("attention_head_dim", 72),
+                       num_heads=heads, patch_size=d.get("patch_size", 2), in_channels=d.get("in_channels", 4),
+                       out_channels=d.get("out_channels") or d.get("in_channels", 4),
+                       caption_channels=d.get("caption_channels") or 4096, sample_size=d.get("sample_size", 128),
+                       pe_interpolation=float(interp))
+
+
+def config_from_official(sd):
+    """Infer the config of an official state dict (head width 72 as every PixArt model; released pe convention)."""
+    w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
+    D, p = w.shape[0], w.shape[2]
+    kv = sorted(int(k.split(".")[1]) for k in sd if k.endswith("attn.sr.weight"))
+    cfg = dict(depth=len([k for k in sd if k.endswith(".scale_shift_table") and k.startswith("blocks.")]),
+               hidden_size=D, num_heads=max(D // 72, 1), patch_size=p, in_channels=w.shape[1],
+               out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
+               caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1], kv_compress_layers=tuple(kv))
+    if "y_embedder.y_embedding" in sd:
+        cfg["caption_tokens"] = sd["y_embedder.y_embedding"].shape[0]
+    if kv:
+        cfg["kv_compress_ratio"] = sd[f"blocks.{kv[0]}.attn.sr.weight"].shape[-1]
+    if "pos_embed" in sd:  # (1, T, D) table of the training grid: the only trace of the training size
+        cfg["sample_size"] = int(round(sd["pos_embed"].shape[1] ** 0.5)) * p
+        cfg["pe_interpolation"] = cfg["sample_size"] / 64  # released models: training size / 512
+    else:
+        print("sigma: checkpoint has no pos_embed; assuming the 1024 model's training size (pass config= to set it)",
+              file=sys.stderr)
+    return SigmaConfig(**cfg)
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+def _read_diffusers_folder(folder):
+    if os.path.isdir(os.path.join(folder, "transformer")):
+        folder = os.path.join(folder, "transformer")
+    cfg_path, index = os.path.join(folder, "config.json"), os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    else:
+        files = ["diffusion_pytorch_model.safetensors"]
+    sd = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: a diffusers transformer folder needs config.json and {name}")
+        sd.update(_read_safetensors(path)[0])
+    return sd, (json.load(open(cfg_path)) if os.path.exists(cfg_path) else None)
+
+
+def read_state_dict(src):
+    """Any supported checkpoint -> (state dict in OUR names, config found in it or None)."""
+    if isinstance(src, dict):
+        sd, cfg = src.get("state_dict", src), None
+    else:
+        src = os.fspath(src)
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"no checkpoint at {src}: pass an official .pth, a diffusers transformer folder, "
+                                    f"or a .safetensors written by sigma.save_checkpoint")
+        if os.path.isdir(src):
+            sd, d = _read_diffusers_folder(src)
+            return convert_diffusers(sd), (config_from_diffusers(d) if d else None)
+        if src.endswith(".safetensors"):
+            sd, meta = _read_safetensors(src)
+            if "sigma_config" in meta:  # our own format
+                return sd, SigmaConfig(**json.loads(meta["sigma_config"]))
+            beside = os.path.join(os.path.dirname(src), "config.json")
+            cfg = config_from_diffusers(json.load(open(beside))) if os.path.exists(beside) else None
+            return convert_diffusers(sd), cfg
+        try:
+            sd = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read {src} as a torch checkpoint (weights only, no pickled code): {e}") from None
+        sd, cfg = sd.get("state_dict", sd), None
+    if any(k.startswith("transformer_blocks.") for k in sd):
+        return convert_diffusers(sd), None
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    return sd, cfg
+
+
+def load_checkpoint(src, config=None):
+    """Official .pth / diffusers folder or .safetensors / our .safetensors (or a state dict) -> PixArtSigma (fp32, CPU, eval).
+
+    `config` overrides what the checkpoint says: e.g. `replace(CONFIGS["2K"], kv_compress_layers=KV_DEEP_HALF)`
+    adds KV compression to a plain checkpoint, with the paper's averaging init for the new conv and norm.
+    """
+    sd, found = read_state_dict(src)
+    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
+        raise ValueError(f"{'state dict' if isinstance(src, dict) else src} is not a PixArt checkpoint "
+                         f"(no x_embedder.proj.weight / pos_embed.proj.weight); first keys: {list(sd)[:5]}")
+    config = config or found or config_from_official(sd)
+    sd.pop("pos_embed", None)  # a buffer of the training grid; we recompute the table for every grid
+    with torch.device("meta"):  # no memory, no init work: every tensor comes from the checkpoint
+        model = PixArtSigma(config)
+    expected = model.state_dict()
+    added = sorted({int(k.split(".")[1]) for k in expected if k not in sd and (".attn.sr." in k or ".attn.norm." in k)})
+    for i in added:  # new KV-compression layers start as the paper says: averaging conv, identity-like norm
+        D, r = config.hidden_size, config.kv_compress_ratio
+        sd.update({f"blocks.{i}.attn.sr.weight": torch.full((D, 1, r, r), 1 / r**2), f"blocks.{i}.attn.sr.bias": torch.zeros(D),
+                   f"blocks.{i}.attn.norm.weight": torch.ones(D), f"blocks.{i}.attn.norm.bias": torch.zeros(D)})
+    if added:
+        print(f"sigma: KV compression added to blocks {added}: conv initialised to 2×2 averaging, norm to 1/0 "
+              f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
+    if "y_embedder.y_embedding" not in sd:  # diffusers files don't store the null caption
+        sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels)
+        print("sigma: no null-caption embedding in this checkpoint (diffusers format): zeros stored, "
+              "encode T5(\"\") where one is needed", file=sys.stderr)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def show(xs):
+            return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8})" if len(xs) > 8 else "")
+        raise ValueError("checkpoint does not fit the model config "
+                         f"(depth {config.depth}, width {config.hidden_size}, KV layers {list(config.kv_compress_layers)}):"
+                         + (f"\n  missing keys: {show(missing)}" if missing else "")
+                         + (f"\n  unexpected keys: {show(unexpected)}" if unexpected else "")
+                         + (f"\n  shape mismatches: {show(shapes)}" if shapes else ""))
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    return model.eval()
+
+
+def _atomic_save_file(tensors, path, metadata):
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint under `path`
+
+
+def save_checkpoint(model, path):
+    """Our format: one .safetensors with the config in its metadata, so loading needs no flags."""
+    model = getattr(model, "_orig_mod", model)  # never save torch.compile's wrapper names
+    _atomic_save_file(model.state_dict(), path, {"sigma_config": json.dumps(asdict(model.config))})
+
+
+def save_diffusers(model, folder):
+    """Write config.json + diffusion_pytorch_model.safetensors loadable by PixArtTransformer2DModel.from_pretrained."""
+    model = getattr(model, "_orig_mod", model)
+    c = model.config
+    if c.kv_compress_layers and c.kv_compress_mode == "conv":
+        raise ValueError("diffusers' PixArtTransformer2DModel has no KV compression, so a model with learned "
+                         "compression layers cannot be written in its format: use sigma.save_checkpoint")
+    if c.kv_compress_layers:
+        print(f"sigma: diffusers runs without KV compression; the '{c.kv_compress_mode}' mode is not saved", file=sys.stderr)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(diffusers_config(c), f, indent=2)
+    _atomic_save_file(to_diffusers(model.state_dict()), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                      {"format": "pt"})
