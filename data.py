@@ -1,0 +1,281 @@
+"""Training data for PixArt-Σ: captioned images, aspect-ratio buckets, a DDP bucket sampler, a feature cache.
+
+- Layouts: a folder of images with same-name .txt captions (`cat.jpg` + `cat.txt`), or a .jsonl manifest of
+  {"image": path relative to the manifest, "<caption key>": text, ...} with several caption keys to mix
+  (the official `real_prompt_ratio`: e.g. 50% original alt-text, 50% long VLM captions).
+- Multi-aspect buckets (PixArt-α §2.4 / official tables in aspect_ratios.json, key = height/width): an image
+  goes to the bucket of nearest ratio, is resized to cover it and center-cropped. A batch never mixes buckets.
+- Sampler: every global batch (batch × world size images) comes from one bucket and is cut into disjoint
+  per-rank slices, so N ranks with batch B see exactly the images one process with batch N·B would see.
+  The order is a pure function of (seed, epoch): resuming at step s just skips s batches, nothing repeats.
+- Feature cache: one pass stores VAE latents and T5 features of the valid caption tokens as safetensors
+  shards (the official maintainers' advice: training then needs neither T5 nor the VAE in memory).
+- Synthetic shapes ("a red circle on a blue background") for the no-download CPU quick start.
+"""
+import hashlib
+import json
+import os
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+def bucket_table(size):
+    """The official table of 40 buckets around size² pixels: {ratio string: (height, width)}."""
+    if size in ("square", None):
+        raise ValueError("bucket_table needs a size")
+    tables = json.load(open(TABLES))
+    if f"ASPECT_RATIO_{size}" not in tables:
+        sizes = [k.split("_")[-1] for k in tables if k.startswith("ASPECT_RATIO_") and not k.endswith("TEST")]
+        raise ValueError(f"no bucket table for {size} px; official tables exist for {', '.join(sizes)} "
+                         f"(or train square images with --no-buckets)")
+    return {k: tuple(v) for k, v in tables[f"ASPECT_RATIO_{size}"].items()}
+
+
+def nearest_bucket(height, width, table):
+    """Key of the bucket whose height/width ratio is closest to the image's (official rule)."""
+    return min(table, key=lambda r: abs(float(r) - height / width))
+
+
+def resize_cover_crop(img, hw):
+    """PIL image -> (3, h, w) float tensor in [-1, 1]: scale so the image covers hw, then center-crop."""
+    h, w = hw
+    s = max(h / img.height, w / img.width)
+    rh, rw = max(h, round(img.height * s)), max(w, round(img.width * s))
+    img = img.convert("RGB").resize((rw, rh), Image.BICUBIC)
+    top, left = (rh - h) // 2, (rw - w) // 2
+    img = img.crop((left, top, left + w, top + h))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, h, w)
+    return x.float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def scan(path, caption_keys=("caption",)):
+    """List {image, captions, height, width} records of a folder or .jsonl manifest.
+
+    Unreadable images are skipped and counted: returns (records, skipped)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data {path} does not exist (a folder of images + .txt captions or a .jsonl)")
+    entries = []  # (image path, [captions])
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTS:
+                txt = os.path.join(path, stem + ".txt")
+                caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
+                entries.append((os.path.join(path, name), [caption]))
+    else:
+        root = os.path.dirname(os.path.abspath(path))
+        for n, line in enumerate(open(path, encoding="utf-8")):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            image = rec.get("image", rec.get("path"))
+            missing = [k for k in caption_keys if k not in rec]
+            if image is None or missing:
+                raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
+                                 f"missing {missing or ['image']}")
+            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]))
+    records, skipped = [], 0
+    for image, captions in entries:
+        try:
+            with Image.open(image) as im:  # reads the header only
+                im.verify()
+                w, h = im.size
+        except Exception as e:  # a corrupt file must not stop a week-long run: count it and go on
+            skipped += 1
+            print(f"skipping unreadable image {image}: {type(e).__name__}: {e}")
+            continue
+        records.append(dict(image=image, captions=captions, height=h, width=w))
+    if not records:
+        raise ValueError(f"no readable images with captions found in {path}")
+    return records, skipped
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Records -> (image (3,h,w) in [-1,1] at its bucket's size, captions). Corrupt images give None."""
+
+    def __init__(self, records, table):
+        self.records, self.table = records, table
+        self.buckets = [nearest_bucket(r["height"], r["width"], table) for r in records]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        try:
+            with Image.open(r["image"]) as im:
+                x = resize_cover_crop(im, self.table[self.buckets[i]])
+        except Exception as e:  # passed the header check, failed to decode: skip it, counted by the loop
+            print(f"skipping undecodable image {r['image']}: {type(e).__name__}: {e}")
+            return None
+        return dict(index=i, image=x, captions=r["captions"])
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Synthetic captioned shapes, item i drawn from seed i: "a red circle on a blue background"."""
+
+    COLORS = dict(red=(220, 30, 30), green=(30, 180, 40), blue=(30, 60, 220),
+                  yellow=(240, 220, 30), white=(245, 245, 245), black=(15, 15, 15))
+    SHAPES = ("circle", "square", "triangle")
+
+    def __init__(self, size=32, length=100_000):
+        self.size, self.length = size, length
+        self.buckets = ["1.0"] * length
+
+    def __len__(self):
+        return self.length
+
+    @classmethod
+    def captions(cls):
+        return [f"a {c} {s} on a {b} background" for s in cls.SHAPES for c in cls.COLORS for b in cls.COLORS if b != c]
+
+    def __getitem__(self, i):
+        rng = random.Random(i)
+        shape = rng.choice(self.SHAPES)
+        color, bg = rng.sample(list(self.COLORS), 2)
+        S = 2 * self.size  # draw at 2x, then average 2x2 pixels: smooth edges
+        r = S * rng.uniform(0.22, 0.34)
+        cy, cx = S / 2 + S * rng.uniform(-0.1, 0.1), S / 2 + S * rng.uniform(-0.1, 0.1)
+        y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+        if shape == "circle":
+            inside = (y - cy) ** 2 + (x - cx) ** 2 < r * r
+        elif shape == "square":
+            inside = ((y - cy).abs() < 0.85 * r) & ((x - cx).abs() < 0.85 * r)
+        else:  # upright triangle: apex at the top, base at the bottom
+            inside = (y > cy - r) & (y < cy + 0.8 * r) & ((x - cx).abs() < 0.6 * (y - cy + r))
+        fg, bgc = torch.tensor(self.COLORS[color]), torch.tensor(self.COLORS[bg])
+        img = torch.where(inside[None], fg[:, None, None], bgc[:, None, None]).float()  # (3, S, S)
+        img = torch.nn.functional.avg_pool2d(img[None], 2)[0]  # (3, size, size)
+        return dict(index=i, image=img / 127.5 - 1, captions=[f"a {color} {shape} on a {bg} background"])
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+class BucketSampler:
+    """Per-rank micro-batches: each global batch (batch_size × world) is one bucket, cut into rank slices."""
+
+    def __init__(self, buckets, batch_size, rank=0, world=1, seed=0):
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.by_bucket = defaultdict(list)
+        for i, b in enumerate(buckets):
+            self.by_bucket[b].append(i)
+        G = batch_size * world
+        self.length = sum(len(v) // G for v in self.by_bucket.values())  # batches per epoch, fixed
+        if self.length == 0:
+            raise ValueError(f"no bucket holds a global batch of {G} images (largest has "
+                             f"{max(map(len, self.by_bucket.values()))}): lower --batch-size or add images")
+
+    def __len__(self):
+        return self.length
+
+    def epoch(self, epoch):
+        """This rank's micro-batches of one epoch: a pure function of (seed, epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        G, batches = self.batch_size * self.world, []
+        for key in sorted(self.by_bucket):
+            items = self.by_bucket[key]
+            items = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+            batches += [items[j:j + G] for j in range(0, len(items) - G + 1, G)]  # the tail waits for next epoch
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[j][self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for j in order]
+
+
+def collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    out = dict(index=[it["index"] for it in items], captions=[it["captions"] for it in items])
+    for k in ("image", "latent"):
+        if k in items[0]:
+            out[k] = torch.stack([it[k] for it in items])
+    if "y" in items[0]:  # cached features: lists (per caption key) of (L_valid, D) tensors
+        out["y"] = [it["y"] for it in items]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- feature cache
+def fingerprint(records, table, vae_id, t5_id, caption_tokens):
+    """Hash of everything the cached features depend on; a change means re-encode."""
+    files = [(r["image"], os.path.getsize(r["image"]), os.path.getmtime(r["image"]), r["captions"]) for r in records]
+    key = json.dumps(dict(files=files, table=table, vae=vae_id, t5=t5_id, tokens=caption_tokens), sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, rank=0, world=1, shard_size=256):
+    """Encode this rank's shards (shard s goes to rank s % world) unless the cache already matches fp.
+
+    encode_images((N,3,h,w) in [-1,1]) -> (N,C,h/8,w/8); encode_captions(list of str) -> (y (N,L,D), mask (N,L)).
+    The caller runs a barrier, then rank 0 calls write_cache_index."""
+    index = os.path.join(cache_dir, "index.json")
+    if os.path.exists(index) and json.load(open(index))["fingerprint"] == fp:
+        return False
+    os.makedirs(cache_dir, exist_ok=True)
+    ds = ImageDataset(records, table)
+    for s in range(rank, (len(records) + shard_size - 1) // shard_size, world):
+        tensors, meta, skipped = {}, [], 0
+        ids = range(s * shard_size, min(len(records), (s + 1) * shard_size))
+        by_bucket = defaultdict(list)
+        for i in ids:
+            by_bucket[ds.buckets[i]].append(i)
+        for bucket, idx in by_bucket.items():
+            for j in range(0, len(idx), 16):
+                items = [it for it in (ds[i] for i in idx[j:j + 16]) if it is not None]
+                skipped += len(idx[j:j + 16]) - len(items)
+                if not items:
+                    continue
+                latents = encode_images(torch.stack([it["image"] for it in items]))
+                for k in range(len(items[0]["captions"])):
+                    y, mask = encode_captions([it["captions"][k] for it in items])
+                    for it, yi, mi in zip(items, y, mask):
+                        tensors[f"{it['index']}.y{k}"] = yi[: int(mi.sum())].contiguous().cpu()  # valid tokens only
+                for it, lat in zip(items, latents):
+                    tensors[f"{it['index']}.latent"] = lat.float().contiguous().cpu()
+                    meta.append([it["index"], bucket, len(it["captions"])])
+        path = os.path.join(cache_dir, f"shard_{s:05d}.safetensors")
+        save_file(tensors, path + ".tmp", metadata=dict(items=json.dumps(meta), skipped=str(skipped)))
+        os.replace(path + ".tmp", path)
+    return True
+
+
+def write_cache_index(cache_dir, fp):
+    items, skipped = [], 0
+    for name in sorted(os.listdir(cache_dir)):
+        if name.startswith("shard_") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(cache_dir, name), "pt") as f:
+                meta = f.metadata()
+            items += [[name] + m for m in json.loads(meta["items"])]
+            skipped += int(meta["skipped"])
+    tmp = os.path.join(cache_dir, "index.json.tmp")
+    json.dump(dict(fingerprint=fp, items=items, skipped=skipped), open(tmp, "w"))
+    os.replace(tmp, os.path.join(cache_dir, "index.json"))  # written last: a half-built cache has no index
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a feature cache: latent (C,h,w) and per caption key the valid T5 tokens (L_valid, D)."""
+
+    def __init__(self, cache_dir):
+        index = json.load(open(os.path.join(cache_dir, "index.json")))
+        self.dir, self.items, self.skipped = cache_dir, index["items"], index["skipped"]
+        self.buckets = [bucket for _, _, bucket, _ in self.items]
+        self.files = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        shard, key, _, n = self.items[i]
+        if shard not in self.files:  # one lazily memory-mapped handle per shard and worker
+            self.files[shard] = safe_open(os.path.join(self.dir, shard), "pt")
+        f = self.files[shard]
+        return dict(index=i, latent=f.get_tensor(f"{key}.latent"), y=[f.get_tensor(f"{key}.y{k}") for k in range(n)],
+                    captions=[None] * n)

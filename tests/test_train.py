@@ -1,0 +1,275 @@
+"""train.py, data.py, came.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import diffusion
+import sigma
+import train
+from came import CAME
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2)  # patched into train.QUICK_DIT for speed
+
+
+def run_args(out, *extra):
+    return ["--quickstart", "--out", str(out), "--image-size", "16", "--batch-size", "4", "--log-every", "1",
+            "--warmup", "2", "--save-every", "1000", "--caption-dropout", "0.25", *map(str, extra)]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(train, "QUICK_DIT", {**train.QUICK_DIT, **TINY_DIT})
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- CAME
+def test_came_matches_came_pytorch():
+    from came_pytorch import CAME as Reference
+    shapes = [(24, 40), (40,), (8, 1, 2, 2), (3, 6, 5)]  # matrix, vector, conv kernel, 3-D
+    init = [torch.randn(s) for s in shapes]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt_a = CAME(ours, lr=1e-3, weight_decay=0.01)
+    opt_b = Reference(ref, lr=1e-3, weight_decay=0.01)  # same defaults: betas (0.9,0.999,0.9999), eps (1e-30,1e-16)
+    for step in range(8):
+        for a, b, s in zip(ours, ref, shapes):
+            g = torch.randn(s) * (3.0 if step % 3 else 0.01)  # large and tiny gradients: the clipping path runs
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    moved = max((a - p).abs().max().item() for a, p in zip(ours, init))
+    assert moved > 1e-3
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- buckets and data
+def test_nearest_bucket_and_crop():
+    table = data.bucket_table(1024)
+    assert len(table) == 40
+    for (h, w), key in {(1024, 1024): "1.0", (1080, 1920): "0.57", (1920, 1080): "1.75", (600, 2400): "0.25",
+                        (4000, 900): "4.0", (768, 1152): "0.68", (1000, 820): "1.21"}.items():
+        assert data.nearest_bucket(h, w, table) == key, (h, w)
+    # a 100×300 image: red left third, green middle, blue right -> 256×256 keeps only the green middle
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, :100, 0], img[:, 100:200, 1], img[:, 200:, 2] = 255, 255, 255
+    x = data.resize_cover_crop(Image.fromarray(img), (256, 256))
+    assert x.shape == (3, 256, 256)
+    assert torch.allclose(x[:, :, 20:-20].mean((1, 2)), torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
+    x = data.resize_cover_crop(Image.fromarray(img), (176, 352))  # nearly its own ratio: all three colours
+    assert x.shape == (3, 176, 352) and x[0, :, :20].mean() > 0.9 and x[2, :, -20:].mean() > 0.9
+    with pytest.raises(ValueError, match="no bucket table for 300"):
+        data.bucket_table(300)
+
+
+def test_sampler_one_bucket_per_batch_disjoint_shards_reshuffled():
+    rng = np.random.default_rng(0)
+    buckets = [str(b) for b in rng.choice(["0.5", "1.0", "2.0"], size=203, p=[0.2, 0.5, 0.3])]
+    B, world = 4, 3
+    shards = [data.BucketSampler(buckets, B, rank, world, seed=7) for rank in range(world)]
+    for epoch in (0, 1):
+        per_rank = [s.epoch(epoch) for s in shards]
+        assert len({len(r) for r in per_rank}) == 1 and len(per_rank[0]) == len(shards[0])
+        seen = []
+        for step in zip(*per_rank):
+            glob = [i for part in step for i in part]
+            assert all(len(part) == B for part in step)
+            assert len({buckets[i] for i in glob}) == 1  # a global batch never mixes buckets
+            seen += glob
+        assert len(seen) == len(set(seen))  # disjoint across ranks and steps: nothing repeats in an epoch
+        expected = sum(buckets.count(b) // (B * world) for b in set(buckets)) * B * world
+        assert len(seen) == expected
+    assert shards[0].epoch(0) != shards[0].epoch(1)  # reshuffled each epoch
+    assert shards[0].epoch(1) == data.BucketSampler(buckets, B, 0, world, seed=7).epoch(1)  # pure of (seed, epoch)
+    single = data.BucketSampler(buckets, B * world, 0, 1, seed=7).epoch(0)  # 1 rank × 3B == 3 ranks × B
+    assert single == [sum(step, []) for step in zip(*[s.epoch(0) for s in shards])]
+
+
+def write_png(path, h, w, color):
+    Image.fromarray(np.full((h, w, 3), color, np.uint8)).save(path)
+
+
+def test_folder_and_manifest_skip_corrupt_images(tmp_path):
+    write_png(tmp_path / "a.png", 64, 128, (255, 0, 0))
+    write_png(tmp_path / "b.png", 128, 64, (0, 255, 0))
+    write_png(tmp_path / "c.png", 90, 90, (0, 0, 255))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # garbage after the signature
+    good = (tmp_path / "c.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])  # truncated file
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}\n")
+    records, skipped = data.scan(str(tmp_path))
+    assert skipped == 2 and [os.path.basename(r["image"]) for r in records] == ["a.png", "b.png", "c.png"]
+    assert records[0]["captions"] == ["caption a"] and (records[0]["height"], records[0]["width"]) == (64, 128)
+    ds = data.ImageDataset(records, data.bucket_table(256))
+    assert ds.buckets == ["0.5", "2.0", "1.0"]
+    assert ds[0]["image"].shape == (3, 176, 352) and ds[1]["image"].shape == (3, 352, 176)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(dict(image=f"{n}.png", short=f"s{n}", long=f"l{n}")) for n in ["a", "bad"]))
+    records, skipped = data.scan(str(manifest), ("short", "long"))
+    assert skipped == 1 and records[0]["captions"] == ["sa", "la"]
+    with pytest.raises(ValueError, match="missing"):
+        data.scan(str(manifest), ("short", "nope"))
+
+
+def test_feature_cache_roundtrip_and_invalidation(tmp_path):
+    for i, (h, w) in enumerate([(64, 128), (128, 64), (96, 96)]):
+        write_png(tmp_path / f"{i}.png", h, w, (40 * i, 100, 200))
+        (tmp_path / f"{i}.txt").write_text("word " * (i + 1))
+    records, _ = data.scan(str(tmp_path))
+    table = data.bucket_table(256)
+    calls = []
+    enc_img = lambda x: (calls.append(len(x)), torch.nn.functional.avg_pool2d(x, 8)[:, :2])[1]  # stand-in "VAE"
+    enc_cap = lambda caps: (torch.stack([torch.full((6, 3), float(len(c))) for c in caps]),
+                            torch.tensor([[1] * (len(c.split()) + 1) + [0] * (5 - len(c.split())) for c in caps]))
+    cache = str(tmp_path / "cache")
+    fp = data.fingerprint(records, table, "vae-A", "t5", 6)
+    assert data.build_cache(cache, records, table, fp, enc_img, enc_cap, shard_size=2)
+    data.write_cache_index(cache, fp)
+    ds = data.CachedDataset(cache)
+    assert len(ds) == 3 and ds.buckets == ["0.5", "2.0", "1.0"]
+    item = ds[2]
+    assert item["latent"].shape == (2, 32, 32) and item["y"][0].shape == (4, 3)  # valid tokens only: 3 words + eos
+    assert not data.build_cache(cache, records, table, fp, enc_img, enc_cap)  # up to date: nothing encoded
+    assert sum(calls) == 3
+    for other in (data.fingerprint(records, table, "vae-B", "t5", 6),  # new VAE
+                  data.fingerprint(records, data.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
+        assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def test_quickstart_loss_goes_down(tmp_path, tiny):
+    train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    first, last = np.mean([r["loss"] for r in log[:10]]), np.mean([r["loss"] for r in log[-10:]])
+    assert len(log) == 60 and last < 0.75 * first, (first, last)
+    model = sigma.load_checkpoint(str(tmp_path / "step_0000060" / "model.safetensors"))  # sample.py-loadable
+    assert model.config.in_channels == 3 and model.config.sample_size == 16
+
+
+def test_resume_continues_exactly(tmp_path, tiny):
+    straight = weights(train.main(run_args(tmp_path / "a", "--steps", 5)))
+    train.main(run_args(tmp_path / "b", "--steps", 3))
+    resumed = weights(train.main(run_args(tmp_path / "b", "--steps", 5, "--resume")))
+    assert max_diff(straight, resumed) == 0.0
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref]  # the same loss curve, step for step
+
+
+def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
+    train.main(run_args(tmp_path, "--steps", 2, "--save-every", 2))
+    good = weights(sigma.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
+
+    def broken_save(obj, path):  # dies half-way through writing the trainer state
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(train.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
+    monkeypatch.undo()
+    assert open(tmp_path / "latest").read() == "step_0000002"
+    latest = train.latest_checkpoint(str(tmp_path))
+    assert max_diff(good, weights(sigma.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
+    assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
+    train.main(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
+    assert open(tmp_path / "latest").read() == "step_0000003"
+
+
+def test_kill_9_never_corrupts_latest(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
+                                                                       "--keep", 2)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "step_0000003").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.37)  # somewhere in the middle of later steps and saves
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    latest = train.latest_checkpoint(str(tmp_path))
+    assert latest is not None
+    model = sigma.load_checkpoint(os.path.join(latest, "model.safetensors"))
+    state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
+    assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == 6
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\nfrom safetensors.torch import save_file\n"
+        f"train.QUICK_DIT.update({TINY_DIT!r})\n"
+        f"model = train.main(sys.argv[1:])\n"
+        f"save_file(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
+        f"'rank%s.safetensors' % os.environ['RANK']))\n")
+    args = run_args(tmp_path / "ddp", "--steps", 3, "--batch-size", 2, "--optimizer", "came", "--lr", 1e-3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", str(worker), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert max_diff(r0, r1) == 0.0  # identical on both ranks
+    single = weights(train.main(run_args(tmp_path / "one", "--steps", 3, "--batch-size", 4, "--optimizer", "came",
+                                         "--lr", 1e-3)))
+    init = weights(train.main(run_args(tmp_path / "zero", "--steps", 0, "--batch-size", 4)))
+    assert max_diff(single, init) > 1e-3  # it trained
+    assert max_diff(r0, single) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- weak-to-strong stages
+def test_stage_higher_resolution_recomputes_positions(tmp_path):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
+                            sample_size=16, pe_interpolation=1.0)
+    sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
+    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
+                             "--caption-tokens", "16", "--pe-interpolation", "2"])
+    model = train.build_model(args, torch.device("cpu"))
+    assert (model.config.sample_size, model.config.pe_interpolation) == (32, 2.0)
+    pos = model.pos_embed(16, 16, "cpu", torch.float64)  # the 32-latent grid: 16×16 tokens
+    ref = get_2d_sincos_pos_embed(64, (16, 16), base_size=16, interpolation_scale=2.0, output_type="pt")
+    torch.testing.assert_close(pos.float(), ref.float().reshape(256, 64), rtol=0, atol=1e-5)
+    low = sigma.load_checkpoint(str(tmp_path / "low.safetensors")).pos_embed(8, 8, "cpu", torch.float64)
+    torch.testing.assert_close(pos.view(16, 16, 64)[::2, ::2].reshape(64, 64), low)  # same span [0, 8)
+
+
+def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
+    trained = train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0))
+    ckpt = str(tmp_path / "step_0000060" / "model.safetensors")
+    args = train.parse_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"))
+    kv = train.build_model(args, torch.device("cpu"))
+    assert kv.config.kv_compress_layers == (1,) and hasattr(kv.blocks[1].attn, "sr")
+    scratch = sigma.PixArtSigma(trained.config)
+    ds = data.ShapesDataset(16)
+    items = [ds[10_000 + i] for i in range(64)]
+    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"))[1]
+    y, mask = text([it["captions"][0] for it in items])
+    x0 = torch.stack([it["image"] for it in items])
+    g = torch.Generator().manual_seed(0)
+    t, noise = torch.randint(0, 1000, (64,), generator=g), torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        loss = {name: diffusion.training_losses(m.eval(), x0, t, y, mask, noise)["mse"].mean().item()
+                for name, m in dict(plain=trained, kv=kv, scratch=scratch).items()}
+    assert loss["plain"] < 0.8 * loss["scratch"], loss
+    assert abs(loss["kv"] - loss["plain"]) < 0.25 * (loss["scratch"] - loss["plain"]), loss
