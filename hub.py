@@ -1,0 +1,138 @@
+"""Where the released PixArt-Σ weights come from: a released name or a local path → files on disk.
+
+Released names fetch through huggingface_hub into the standard Hugging Face cache
+(~/.cache/huggingface/hub, or $HF_HUB_CACHE / $HF_HOME), with its progress bars, and work
+offline from that cache (HF_HUB_OFFLINE=1). The cache is shared with diffusers and the
+official repository, so weights already there are found and nothing is downloaded again:
+
+    transformer   PixArt-alpha/PixArt-Sigma-XL-2-{256x256,512-MS,1024-MS,2K-MS}  transformer/
+                  (diffusers safetensors: no pickle; the official PixArt-alpha/PixArt-Sigma
+                  .pth of the same model is used instead when only that one is cached)
+    T5, tokenizer PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers  text_encoder/, tokenizer/
+    VAE (SDXL)    same repo, vae/  (found in the model's own repo first, where a diffusers
+                  pipeline download put them)
+"""
+import dataclasses
+import json
+import os
+import re
+
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+import sigma
+
+# released name -> (diffusers repo, official .pth in PixArt-alpha/PixArt-Sigma); REFERENCE §6
+MODELS = {
+    "256": ("PixArt-alpha/PixArt-Sigma-XL-2-256x256", "PixArt-Sigma-XL-2-256x256.pth"),
+    "512": ("PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "PixArt-Sigma-XL-2-512-MS.pth"),
+    "1024": ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArt-Sigma-XL-2-1024-MS.pth"),
+    "2K": ("PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "PixArt-Sigma-XL-2-2K-MS.pth"),
+}
+OFFICIAL_REPO = "PixArt-alpha/PixArt-Sigma"
+COMPONENTS_REPO = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+TRANSFORMER = ["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+T5_INDEX = "text_encoder/model.safetensors.index.json"
+OTHER_COMPONENTS = ["text_encoder/config.json", "tokenizer/spiece.model",
+                    "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def model_name(name):
+    """Canonical released name ('2k', '2048' -> '2K') or None when `name` is not one."""
+    name = {"2048": "2K", "256x256": "256"}.get(name.upper(), name.upper())
+    return name if name in MODELS else None
+
+
+def fetch(repo, filename, flag):
+    """Path of `filename` of Hub `repo` in the cache, downloading it first when allowed."""
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, no network, gated, 404: one clear message instead of a traceback
+        raise FileNotFoundError(
+            f"cannot get {filename} of https://huggingface.co/{repo} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Connect to the internet once (or unset HF_HUB_OFFLINE) to download it into the Hugging Face cache, "
+            f"or download that repository yourself and pass its local folder with {flag}") from None
+
+
+def cached(repo, filenames):
+    """Paths of all `filenames` if every one is already in the cache, else None (never downloads)."""
+    paths = [try_to_load_from_cache(repo, f) for f in filenames]
+    return paths if all(isinstance(p, str) for p in paths) else None
+
+
+def resolve_model(model):
+    """--model -> (local path for sigma.load_checkpoint, released name or None, diffusers repo or None)."""
+    if os.path.exists(model):
+        if os.path.isdir(os.path.join(model, "transformer")):  # a whole diffusers pipeline folder
+            return os.path.join(model, "transformer"), None, None
+        return model, None, None
+    name = model_name(model)
+    if name is None:
+        raise ValueError(f"--model {model!r} is neither a released model ({', '.join(MODELS)}) nor an existing "
+                         "file or folder (an official .pth, a diffusers transformer folder or our .safetensors)")
+    repo, pth = MODELS[name]
+    if not cached(repo, TRANSFORMER) and (official := cached(OFFICIAL_REPO, [pth])):
+        return official[0], name, repo  # the user has the official .pth already: don't fetch a second copy
+    paths = [fetch(repo, f, "--model") for f in TRANSFORMER]
+    return os.path.dirname(paths[0]), name, repo
+
+
+def resolve_components(components=None, model_repo=None):
+    """--components (a local folder or a Hub repo) -> dict of local paths: text_encoder, tokenizer, vae."""
+    if components and os.path.isdir(components):
+        found = {k: os.path.join(components, k) for k in ("text_encoder", "tokenizer", "vae")}
+        found["tokenizer"] = os.path.join(found["tokenizer"], "spiece.model")
+        for k, p in found.items():
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"--components {components}: no {k} at {p} (expected the layout of "
+                                        f"https://huggingface.co/{COMPONENTS_REPO}: text_encoder/, tokenizer/, vae/)")
+        return found
+    repo = components or COMPONENTS_REPO
+    if components is None and model_repo and cached(model_repo, [T5_INDEX] + OTHER_COMPONENTS):
+        repo = model_repo  # a diffusers pipeline download of the model already holds T5 and the VAE
+    index = fetch(repo, T5_INDEX, "--components")
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    for name in OTHER_COMPONENTS + [f"text_encoder/{s}" for s in shards]:
+        path = fetch(repo, name, "--components")
+    root = os.path.dirname(os.path.dirname(path))  # the snapshot folder: every file above lies in it
+    return dict(text_encoder=os.path.join(root, "text_encoder"),
+                tokenizer=os.path.join(root, "tokenizer", "spiece.model"), vae=os.path.join(root, "vae"))
+
+
+def parse_kv_compress(text, depth):
+    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: deep half."""
+    mode, _, layers = text.partition(":")
+    if mode not in ("conv", "uniform", "avgpool"):
+        raise ValueError(f"--kv-compress mode must be conv, uniform or avgpool, got {mode!r}")
+    if not layers:
+        return mode, tuple(range(depth // 2, depth))  # paper Tab. 3d: compress only the deep half
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", layers):
+        raise ValueError(f"--kv-compress layers must look like 14-27 or 0,1,20-27, got {layers!r}")
+    spans = [tuple(map(int, s.split("-"))) for s in layers.split(",")]
+    return mode, tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
+
+
+def load(what, path, fn, *args, **kwargs):
+    """Run a loader; a damaged file becomes a ValueError that says which file and what to do."""
+    try:
+        return fn(path, *args, **kwargs)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # truncated download, not a checkpoint, bad JSON: no torch traceback for the user
+        raise ValueError(f"cannot load the {what} from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         " -- the file looks damaged or incomplete; delete it and download it again (for the Hugging "
+                         "Face cache: `hf cache delete`), or pass a good local copy") from e
+
+
+def load_model(path, name=None, kv_compress=None):
+    """The DiT on the CPU in fp32; a released name fixes the config (.pth files do not say their training size)."""
+    config = sigma.CONFIGS[name] if name and path.endswith(".pth") else None  # a diffusers folder has config.json
+    model = load("transformer", path, sigma.load_checkpoint, config)
+    if kv_compress:
+        mode, layers = parse_kv_compress(kv_compress, model.config.depth)
+        if model.config.kv_compress_layers:
+            raise ValueError(f"{path} already has KV compression ({model.config.kv_compress_mode} in layers "
+                             f"{list(model.config.kv_compress_layers)}): leave out --kv-compress")
+        config = dataclasses.replace(model.config, kv_compress_mode=mode, kv_compress_layers=layers)
+        model = sigma.load_checkpoint(model.state_dict(), config)  # parameter-free modes, or a fresh averaging conv
+    return model

@@ -1,0 +1,195 @@
+"""Sample PixArt-Σ (Chen et al. 2024, arXiv 2403.04692): prompts -> PNG files, any size up to 4096².
+
+The pipeline, one model on the accelerator at a time:
+  1. T5-XXL encodes each prompt and the negative prompt ("" by default: the null caption T5(""), with
+     its own mask, as diffusers does) to (300, 4096) features; then T5 is freed (t5.py).
+  2. The DiT denoises Gaussian latents (1, 4, H/8, W/8) with classifier-free guidance, DPM-Solver++(2M)
+     in 20 steps or IDDPM ancestral in ~100 (sigma.py, diffusion.py).
+  3. The SDXL VAE decodes the latents, tiled above 2048² (vae.py).
+Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
+image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
+runs on the larger grid through position-embedding interpolation. Weights (hub.py): the Hugging Face cache.
+Image k of a run uses seed+k; its noise is drawn alone on the CPU, so one image equals diffusers'
+pipeline with generator=torch.Generator("cpu").manual_seed(seed), and batches never change an image.
+
+Examples:
+    python sample.py "a small cactus with a happy face in the Sahara desert"
+    python sample.py "a red fox in fresh snow, golden hour" --size 1344x768 --n 4 --seed 7
+    python sample.py "a lighthouse on a cliff at dawn" --size 4096 --kv-compress avgpool
+    python sample.py --prompts-file prompts.txt --model 512 --size 512 --out previews
+    python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
+    HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
+"""
+import argparse
+import gc
+import os
+import random
+import re
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import diffusion
+import hub
+import sizes
+import t5 as t5lib
+import vae as vaelib
+
+
+def _take(component):
+    """A loaded module is used where it lives; a loader function is called now (and its result freed later)."""
+    return (component, False) if isinstance(component, torch.nn.Module) else (component(), True)
+
+
+def _release_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
+             n=1, sampler="dpm", binning=True, progress=True):
+    """prompts (list of str) -> n PIL images per prompt (prompt-major); image k uses seed + k.
+
+    model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
+    device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
+    is freed before the DiT runs. tokenizer: a t5.Tokenizer. size: (height, width) of the images."""
+    height, width = size
+    # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
+    # done here too, so the same prompt gives the same image in both.
+    prompts = [p.lower().strip() for p in prompts]
+    t5, loaded = _take(t5)
+    y, mask = t5lib.encode(t5, tokenizer, prompts)  # (P, L, 4096), (P, L)
+    y_neg, mask_neg = t5lib.encode(t5, tokenizer, [negative.lower().strip()])  # (1, L, 4096), (1, L)
+    if loaded:  # T5-XXL (9.5 GB in bf16) leaves before the DiT arrives
+        del t5
+        _release_memory()
+    model, _ = _take(model)
+    weight = model.x_embedder.proj.weight
+    y, y_neg, mask, mask_neg = (a.to(weight.device) for a in (y.to(weight.dtype), y_neg.to(weight.dtype), mask, mask_neg))
+    vae, _ = _take(vae)
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning)
+    images = []
+    for k in range(len(prompts) * n):
+        p = k // n
+        g = torch.Generator("cpu").manual_seed(seed + k)  # this image's noise, drawn alone: batch-independent
+        x = torch.randn((1, model.config.in_channels, gen_h // 8, gen_w // 8), generator=g).to(weight.device)
+        model_fn = diffusion.guided(model, y[p:p + 1], mask[p:p + 1], y_neg, mask_neg, cfg)
+        if sampler == "dpm":
+            x = diffusion.dpm_solver(model_fn, x, steps, progress=progress)  # (1, 4, h, w)
+        else:
+            x = diffusion.ancestral(model_fn, x, steps, generator=g, progress=progress)
+        vae_param = vae.post_quant_conv.weight
+        image = vae.decode(x.to(vae_param.device, vae_param.dtype)).float()  # (1, 3, gen_h, gen_w) in [-1, 1]
+        image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
+        pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
+        images.append(Image.fromarray((pixels * 255).round().astype(np.uint8)))
+    return images
+
+
+def save_png(image, folder, parameters, seed):
+    """Write `image` as folder/NNNNN-seed.png with the next free number (never overwriting); returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", parameters)  # the text chunk image tools read generation settings from
+    number = 1 + max((int(f[:5]) for f in os.listdir(folder) if re.match(r"\d{5}-.*\.png$", f)), default=-1)
+    while True:
+        path = os.path.join(folder, f"{number:05d}-{seed}.png")
+        try:
+            with open(path, "xb") as f:  # exclusive create: a concurrent run cannot take the same name
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            number += 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+                                formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110))
+    p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
+    p.add_argument("--negative", default="", help="negative prompt; empty = the null caption T5(\"\")")
+    p.add_argument("--size", default="1024", help="1024, 2048, 4096 (square) or WxH such as 1344x768")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
+    p.add_argument("--model", default="auto", help=f"released model ({', '.join(hub.MODELS)}; auto: 1024 up to 1536², "
+                   "2K above) or a local official .pth, diffusers folder or sigma.save_checkpoint .safetensors")
+    p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
+                   "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
+    p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2): conv, uniform or "
+                   "avgpool, in the given layers (default: the deep half, 14-27); faster at 2K-4K")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="DiT and VAE precision (auto: bfloat16 on GPU, float32 on CPU); T5 runs in bfloat16 unless float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
+    p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
+    p.add_argument("--low-memory", action="store_true", help="run T5 on the CPU (slower) so that small GPUs suffice")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input or missing/damaged weights: a message, no traceback
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    # every check that needs no weights comes first
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give one (quoted) or --prompts-file")
+    height, width = sizes.parse_size(args.size)
+    if not 1 <= args.steps <= diffusion.NUM_TIMESTEPS or args.cfg < 0 or args.n < 1:
+        raise ValueError(f"need 1 <= --steps <= {diffusion.NUM_TIMESTEPS}, --cfg >= 0 and --n >= 1; got --steps "
+                         f"{args.steps}, --cfg {args.cfg}, --n {args.n}")
+    if args.kv_compress:
+        hub.parse_kv_compress(args.kv_compress, 28)
+    model_arg = args.model
+    if model_arg == "auto":
+        model_arg = "2K" if height * width > 1536 * 1536 else "1024"
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
+
+    path, name, repo = hub.resolve_model(model_arg)
+    components = args.components
+    if components is None and os.path.isdir(os.path.join(model_arg, "text_encoder")):
+        components = model_arg  # a whole diffusers pipeline folder
+    files = hub.resolve_components(components, repo)
+    model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
+    tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, not args.no_binning)
+    trained = 8 * model.config.sample_size
+    if gen_h * gen_w > 1.1 * trained**2:
+        print(f"sample.py: {gen_w}x{gen_h} is above the {name or path} model's training size {trained}²: the DiT runs "
+              "there through position-embedding interpolation (no released checkpoint was trained at this size)"
+              + ("" if args.kv_compress else "; --kv-compress avgpool makes it faster"), file=sys.stderr)
+    seed = random.randrange(2**31) if args.seed is None else args.seed
+    images = generate(
+        prompts, lambda: model.to(device),
+        lambda: hub.load("text encoder", files["text_encoder"], t5lib.load_t5, t5_dtype, "cpu" if args.low_memory else device),
+        tokenizer, lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
+        negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
+        sampler=args.sampler, binning=not args.no_binning)
+    for k, image in enumerate(images):
+        parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
+                      f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}")
+        print(save_png(image, args.out, parameters, seed + k))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

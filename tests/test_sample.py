@@ -1,0 +1,157 @@
+"""sample.py end to end on tiny random weights written in the released layouts, against diffusers'
+PixArtSigmaPipeline built from the same files; size binning against diffusers' own functions; bad input."""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers.image_processor import PixArtImageProcessor
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
+                                                                     ASPECT_RATIO_1024_BIN)
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+from PIL import Image
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+import hub
+import sample
+import sigma
+import sizes
+import t5 as t5lib
+import vae as vaelib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("a small cactus with happy face in the sahara desert red fox snow golden hour lighthouse on cliff at dawn "
+         "cat sitting mat photo of painting watercolor city night rain blue sky green forest mountain river old "
+         "man woman child dog bird flower garden sunset ocean beach castle dragon robot space").split()
+
+
+def write_components(root):
+    """A diffusers-layout pipeline folder of tiny random models, every file written by the reference libraries
+    (or sentencepiece): transformer/, text_encoder/ (index + 2 shards), tokenizer/spiece.model, vae/."""
+    import sentencepiece
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(f"{root}/tokenizer")
+    corpus = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(400)]
+    sentencepiece.SentencePieceTrainer.train(  # T5's special ids: pad 0, eos 1, unk 2, no bos
+        sentence_iterator=iter(corpus), model_prefix=f"{root}/tokenizer/spiece", vocab_size=120, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    os.remove(f"{root}/tokenizer/spiece.vocab")
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                                 feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
+    t5.save_pretrained(f"{root}/text_encoder", max_shard_size="70KB")
+    dit = PixArtTransformer2DModel(sample_size=32, num_layers=2, num_attention_heads=4, attention_head_dim=16,
+                                   in_channels=4, out_channels=8, caption_channels=32, cross_attention_dim=64,
+                                   interpolation_scale=0.5, use_additional_conditions=False, norm_type="ada_norm_single",
+                                   norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000)
+    with torch.no_grad():  # random everywhere: its zero-inits would make every image the same
+        for p in dit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    dit.save_pretrained(f"{root}/transformer")
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.13025)
+    vae.save_pretrained(f"{root}/vae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    return write_components(str(tmp_path_factory.mktemp("pipeline") / "PixArt-Sigma-tiny"))
+
+
+def reference_tokenizer(root):
+    """transformers' T5Tokenizer on the same pieces (built from the piece table: converting spiece.model
+    directly needs protobuf, which is not installed; the prompts here are plain lower-case ASCII)."""
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=f"{root}/tokenizer/spiece.model")
+    return T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())])
+
+
+def diffusers_pipeline(root):
+    return PixArtSigmaPipeline(
+        tokenizer=reference_tokenizer(root), text_encoder=T5EncoderModel.from_pretrained(f"{root}/text_encoder"),
+        vae=AutoencoderKL.from_pretrained(f"{root}/vae"), transformer=PixArtTransformer2DModel.from_pretrained(f"{root}/transformer"),
+        scheduler=DPMSolverMultistepScheduler())
+
+
+def test_layout_is_the_released_one(components):
+    index = json.load(open(f"{components}/text_encoder/model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) == 2
+    assert os.path.exists(f"{components}/transformer/diffusion_pytorch_model.safetensors")
+    assert os.path.exists(f"{components}/vae/diffusion_pytorch_model.safetensors")
+
+
+def ours(root, prompt, size, seed, steps=5, binning=True, negative=""):
+    model = sigma.load_checkpoint(f"{root}/transformer")
+    t5model = t5lib.load_t5(f"{root}/text_encoder", dtype=torch.float32)
+    return sample.generate([prompt], model, t5model, t5lib.Tokenizer(f"{root}/tokenizer/spiece.model"),
+                           vaelib.load_vae(f"{root}/vae"), negative=negative, size=size, steps=steps, seed=seed,
+                           binning=binning, progress=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("sample_size,table", [(32, ASPECT_RATIO_256_BIN), (64, ASPECT_RATIO_512_BIN),
+                                                (128, ASPECT_RATIO_1024_BIN), (256, ASPECT_RATIO_2048_BIN)])
+def test_binning_matches_diffusers(sample_size, table):
+    """The bucket diffusers' pipeline picks (its table for the transformer's sample_size) for every size up to
+    1.5x the training area; above that ours keeps the bucket's shape at the requested area."""
+    config = dataclasses.replace(sigma.CONFIGS["1024"], sample_size=sample_size)
+    trained = 8 * sample_size
+    checked = 0
+    for height in range(64, 2 * trained + 1, 8 * max(1, trained // 256)):
+        for width in range(64, 2 * trained + 1, 8 * max(1, trained // 256)):
+            expected = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=table)
+            got = sizes.generation_size(height, width, config)
+            if height * width <= 1.5 * trained**2:
+                assert got == expected, (height, width)
+                checked += 1
+            else:  # diffusers' bucket scaled to the requested area, rounded up to whole patches (16 px)
+                scale = (height * width / (expected[0] * expected[1])) ** 0.5
+                assert all(0 <= g - scale * e < 16 and g % 16 == 0 for g, e in zip(got, expected)), (height, width)
+    assert checked > 1000
+
+
+def test_generation_size_without_binning_and_with_kv_compression():
+    config = sigma.CONFIGS["2K"]
+    assert sizes.generation_size(1000, 1504, config, binning=False) == (1008, 1504)  # whole 2x2 patches
+    kv = dataclasses.replace(config, kv_compress_layers=sigma.KV_DEEP_HALF)
+    assert sizes.generation_size(1000, 1504, kv, binning=False) == (1024, 1504)  # token grid divisible by 2
+    assert sizes.generation_size(4096, 4096, config) == (4096, 4096)  # 2K bucket 1.0, scaled to 4096²
+    assert sizes.parse_size("4096") == (4096, 4096) and sizes.parse_size("1344x768") == (768, 1344)
+    assert sizes.parse_size("2k") == (2048, 2048)
+
+
+def test_resize_and_crop_matches_diffusers():
+    x = torch.randn(2, 3, 208, 304)
+    for h, w in [(256, 384), (200, 240), (208, 304), (100, 400)]:
+        assert torch.equal(sizes.resize_and_crop(x, h, w), PixArtImageProcessor.resize_and_crop_tensor(x, w, h))
+
+
+# ------------------------------------------------------------------------------------------ parity, e2e
+
+@pytest.mark.parametrize("size,binning", [((240, 200), True), ((192, 320), False)])
+def test_images_match_diffusers_pipeline(components, size, binning):
+    """Same files, prompt, seed and steps through diffusers' PixArtSigmaPipeline: images within 1/255."""
+    prompt, negative = "A Small cactus with a happy face in the Sahara desert ", ""
+    ids, mask = t5lib.Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
+    ref_tok = reference_tokenizer(components)(prompt.lower().strip(), padding="max_length", max_length=300)
+    assert ids[0].tolist() == ref_tok.input_ids  # the two tokenizers agree: differences below are downstream
+    pipe = diffusers_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt, negative_prompt=negative, num_inference_steps=5, guidance_scale=4.5, height=size[0],
+                    width=size[1], generator=torch.Generator("cpu").manual_seed(3), use_resolution_binning=binning,
+                    clean_caption=False).images[0]
+    got = ours(components, prompt, size, seed=3, binning=binning)
+    a, b = np.asarray(expected, dtype=np.int16), np.asarray(got, dtype=np.int16)
+    assert a.shape == b.shape == (size[0], size[1], 3)
+    assert a.std() > 10  # a real picture, not a flat colour
+    assert np.abs(a - b).max() <= 1
