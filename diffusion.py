@@ -42,8 +42,9 @@ def alphas_cumprod():
 
 
 def _at(a, t, x):
-    """a[t] of a float64 schedule (T,) as float32 (N, 1, 1, 1) on x's device, to broadcast against x."""
-    return a[t.long().cpu()].to(x.device, torch.float32).view(-1, *[1] * (x.ndim - 1))
+    """a[t] of a float64 schedule (T,) as float32 (N, 1, 1, 1) on x's device, to broadcast against x.
+    The table goes to the device (no float64 there; no host sync) and is gathered there."""
+    return a.float().to(x.device, non_blocking=True)[t.to(x.device).long()].view(-1, *[1] * (x.ndim - 1))
 
 
 def q_sample(x0, t, noise):
@@ -105,8 +106,9 @@ def training_losses(model, x0, t, y, mask, noise=None):
     mean, log_var = _p_mean_log_var(torch.cat([out[:, :C].detach(), out[:, C:]], 1), x_t, t, ac)
     _, post_log_var, c0, ct = _posterior(ac)
     q_mean, q_log_var = _at(c0, t, x0) * x0 + _at(ct, t, x0) * x_t, _at(post_log_var, t, x0)
+    # KL of two Gaussians per element: ½ (log Σ_p − log Σ_q + Σ_q/Σ_p + (μ_q − μ_p)²/Σ_p − 1)
     kl = 0.5 * (log_var - q_log_var + torch.exp(q_log_var - log_var) + (q_mean - mean) ** 2 * torch.exp(-log_var) - 1)
-    kl = kl.flatten(1).mean(1) / math.log(2)
+    kl = kl.flatten(1).mean(1) / math.log(2)  # (N,) bits per dimension
     nll = _decoder_nll(x0, mean, log_var).flatten(1).mean(1)  # t = 0 has no posterior: L_0 instead
     vb = torch.where(t.to(kl.device) == 0, nll, kl)
     return dict(loss=mse + vb, mse=mse, vb=vb)
@@ -120,15 +122,16 @@ def guided(model, y, mask, y_null, mask_null, scale):
     Returns model_fn(x, t) -> (N, 2C, H, W) float32. x is cast to y's dtype (the network's)."""
     N = y.shape[0]
     if y_null.shape[-2:] != y.shape[1:] or mask_null.shape[-1] != mask.shape[1]:
-        raise ValueError(f"null caption {tuple(y_null.shape)}, mask {tuple(mask_null.shape)} does not match the caption "
-                         f"{tuple(y.shape)}, mask {tuple(mask.shape)}: pad both to the same length L")
+        raise ValueError(f"null caption {tuple(y_null.shape)}, mask {tuple(mask_null.shape)} does not match the "
+                         f"caption {tuple(y.shape)}, mask {tuple(mask.shape)}: pad both to the same length L")
     y_null = y_null.reshape(-1, *y.shape[1:]).to(y).expand_as(y)
     mask_null = mask_null.reshape(-1, mask.shape[1]).to(mask).expand_as(mask)
 
     def model_fn(x, t):
         if scale <= 1:
             return model(x.to(y.dtype), t, y, mask).float()
-        out = model(torch.cat([x, x]).to(y.dtype), torch.cat([t, t]), torch.cat([y_null, y]), torch.cat([mask_null, mask]))
+        x2, t2 = torch.cat([x, x]).to(y.dtype), torch.cat([t, t])  # (2N, C, H, W), (2N,)
+        out = model(x2, t2, torch.cat([y_null, y]), torch.cat([mask_null, mask]))  # (2N, 2C, H, W)
         uncond, cond = out.float().split(N)  # (N, 2C, H, W) each
         return uncond + scale * (cond - uncond)
 
@@ -169,7 +172,7 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
         h = lam[i + 1] - lam[i]
         if x0_prev is None:  # first step: no history yet, first order (DPM-Solver++1 = DDIM)
             D = x0
-        else:  # multistep second order: a linear extrapolation of x_θ in λ, with r = h_{i−1}/h_i (Alg. 2)
+        else:  # multistep second order: a linear extrapolation of x_θ in λ, with r = h_{i−1}/h_i (§4.2, Alg. 2)
             r = (lam[i] - lam[i - 1]) / h
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
         # exact solution of the data-prediction ODE with x_θ ≈ D constant over the step (Lu et al. §4.1):
