@@ -14,6 +14,9 @@ from torch.distributions import Normal, kl_divergence
 
 import diffusion
 
+# diffusers' schedulers trip a numpy-2 DeprecationWarning on every set_timesteps; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Every op here is tiny: intra-op threads only add overhead, and stall badly on a loaded machine."""
