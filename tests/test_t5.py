@@ -1,0 +1,292 @@
+"""t5.py against transformers: bucket function, encoder on random weights, tokenizer, loading the released layout."""
+import json
+import os
+import random
+
+import pytest
+import sentencepiece
+import torch
+from safetensors.torch import save_file
+from transformers import T5Config as HFConfig
+from transformers import T5EncoderModel, T5Tokenizer
+from transformers.models.t5.modeling_t5 import T5Attention
+
+import t5
+
+TINY = dict(vocab_size=512, d_model=64, d_ff=96, num_heads=4, d_kv=16, num_layers=3)
+
+
+def reference_encoder(**config):
+    """transformers' T5 v1.1 encoder, fp32, eval, with random weights at T5's init scales (q at (D·d_kv)^-½,
+    other matrices at fan_in^-½), but norm weights and the position-bias table far from their flat init so
+    that they matter. Built on the meta device and drawn once: the XXL-width test would init twice otherwise."""
+    with torch.device("meta"):
+        model = T5EncoderModel(HFConfig(feed_forward_proj="gated-gelu", **config))
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "relative_attention_bias" in name or name == "shared.weight":
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, (p.shape[1] * (config["d_kv"] if name.endswith(".q.weight") else 1)) ** -0.5)
+    model.set_input_embeddings(model.shared)  # to_empty untied encoder.embed_tokens from shared
+    return model
+
+
+def ours_from(ref, config):
+    """Our encoder sharing the reference's tensors (no copy: the XXL-width test fits in little memory)."""
+    with torch.device("meta"):
+        model = t5.T5Encoder(t5.T5Config(**config))
+    sd = {k: v for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def padded_batch(vocab, lengths, L=300):
+    ids = torch.randint(3, vocab, (len(lengths), L))
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()  # (N, L)
+    ids[torch.arange(len(lengths)), torch.tensor(lengths) - 1] = 1  # the eos, as the tokenizer puts it
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+# ---------------------------------------------------------------------------------------- buckets
+
+@pytest.mark.parametrize("rel, bucket", [(-1, 1), (-9, 8), (-16, 10), (-64, 14), (0, 0), (1, 17), (16, 26),
+                                         (127, 31), (128, 31), (5000, 31), (-5000, 15)])
+def test_bucket_reference_values(rel, bucket):
+    assert t5.relative_position_bucket(torch.tensor([rel])).item() == bucket
+
+
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (64, 256), (16, 32)])
+def test_bucket_matches_transformers(num_buckets, max_distance):
+    rel = torch.arange(-2000, 2001)
+    ref = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=num_buckets,
+                                                max_distance=max_distance)
+    assert torch.equal(t5.relative_position_bucket(rel, num_buckets, max_distance), ref)
+
+
+# ---------------------------------------------------------------------------------------- encoder
+
+def test_encoder_matches_transformers_with_padding_and_log_buckets():
+    ref = reference_encoder(**TINY)
+    ours = ours_from(ref, TINY)
+    ids, mask = padded_batch(TINY["vocab_size"], [300, 171, 37, 1])  # 300 > 128: reaches the last bucket
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    valid = mask.bool()
+    assert want.abs().amax() > 0.5  # a real signal, not a collapsed one
+    assert (got - want)[valid].abs().max() <= 1e-5
+    # padded rows still attend to the valid keys in both implementations, so they agree too
+    assert (got - want)[~valid].abs().max() <= 1e-5
+    # and the mask matters: the same ids without it give different features at the valid positions
+    with torch.no_grad():
+        assert (ours(ids, torch.ones_like(mask)) - want)[valid].abs().max() > 1e-2
+
+
+def test_encoder_matches_transformers_at_xxl_width():
+    config = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_heads=64, d_kv=64, num_layers=2)
+    ref = reference_encoder(**config)
+    ours = ours_from(ref, config)
+    ids, mask = padded_batch(config["vocab_size"], [230])  # one prompt: padding and buckets up to 229
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    assert got.shape == (1, 300, 4096)
+    assert (got - want)[mask.bool()].abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+def precompiled_charsmap(proto):
+    """ModelProto.normalizer_spec (field 3) .precompiled_charsmap (field 2), read from the protobuf wire format."""
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                _, i = varint(buf, i)
+            elif key & 7 in (1, 5):
+                i += 8 if key & 7 == 1 else 4
+            else:
+                n, i = varint(buf, i)
+                yield key >> 3, buf[i:i + n]
+                i += n
+
+    def varint(buf, i):
+        value, shift = 0, 0
+        while True:
+            value |= (buf[i] & 127) << shift
+            shift, i = shift + 7, i + 1
+            if buf[i - 1] < 128:
+                return value, i
+
+    spec = next(v for k, v in fields(proto) if k == 3)
+    return next(v for k, v in fields(spec) if k == 2)
+
+
+def reference_tokenizer(folder):
+    """transformers' T5Tokenizer as diffusers loads it: from_pretrained(tokenizer folder with spiece.model).
+    That conversion parses the model with protobuf; without protobuf installed, build the same tokenizer
+    from the same parts (pieces and scores, the 100 sentinels appended in reverse, the NFKC charsmap)."""
+    try:
+        import google.protobuf  # noqa: F401
+        return T5Tokenizer.from_pretrained(folder)
+    except ImportError:
+        sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "spiece.model"))
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        vocab += [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+        return T5Tokenizer(vocab=vocab, extra_ids=100,
+                           _spm_precompiled_charsmap=precompiled_charsmap(sp.serialized_model_proto()))
+
+
+WORDS = ("a photo of an astronaut riding a horse on the moon red cat sitting under blue sky city street at "
+         "night neon lights oil painting portrait café naïve résumé über straße Tokyo 東京 夜景 собака дом").split()
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """A unigram sentencepiece model trained here with T5's special ids, and transformers' tokenizer on it."""
+    rng = random.Random(0)
+    syllables = "ka ri to mu ne sa lo pe di gu ba zo fi ve xa qu".split()
+    words = WORDS + ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) for _ in range(3000)]
+    folder = tmp_path_factory.mktemp("tokenizer")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(folder / "spiece"), vocab_size=300, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)  # T5: nmt_nfkc rules
+    return t5.Tokenizer(str(folder / "spiece.model")), reference_tokenizer(str(folder))
+
+
+ALPHABET = list("abcdefkmnoprstuvxyz ,.!?'\"-") + [
+    "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x00", "\x1c", "\x7f", "\x85", "\xa0", "\xad", "\u1680", "\u180e",
+    "\u2000", "\u200a", "\u200b", "\u2028", "\u2029", "\u202f", "\u205f", "\u2060", "\u3000", "\ufeff", "\u2581",
+    "é", "e\u0301", "ß", "İ", "ǅ", "ﬁ", "①", "Ｔ", "東", "京", "🐱", "</s>", "<pad>", "<unk>", "<s>",
+    "<extra_id_7>", "<extra_id_07>", "<extra_id_100>", "ka", "ri", "to", "mu"]
+
+PROMPTS = [
+    "a photo of an astronaut riding a horse on the moon",  # ordinary
+    "A Red Cat, sitting (under) the 'blue' sky!",
+    "café naïve résumé über straße ﬁne ① Ｔｏｋｙｏ 東京の夜景 🐱 e\u0301",  # unicode: NFKC, unknown chars, emoji
+    "   a\t\tred \n\n cat\u00a0under\u3000the  sky\u2028at\x85night   ",  # whitespace-heavy
+    "", " ", "\n\t",  # empty
+    "a cat </s> a dog <extra_id_0> <pad> x<unk>y",  # special-token strings in the text
+]
+
+
+def test_tokenizer_matches_transformers(tokenizers):
+    ours, ref = tokenizers
+    rng = random.Random(1)
+    fuzz = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40))) for _ in range(1000)]
+    prompts = PROMPTS + fuzz
+    ids, mask = ours(prompts)
+    want = ref(prompts, padding="max_length", max_length=300, truncation=True, return_tensors="pt")
+    assert ids.shape == mask.shape == (len(prompts), 300)
+    for n in range(len(prompts)):
+        assert ids[n].tolist() == want["input_ids"][n].tolist(), repr(prompts[n])
+        assert mask[n].tolist() == want["attention_mask"][n].tolist(), repr(prompts[n])
+    assert ids[4, :2].tolist() == [1, 0] and mask[4, :2].tolist() == [1, 0]  # "" -> eos only
+
+
+def test_tokenizer_truncates_overlong_prompt_keeping_eos(tokenizers):
+    ours, ref = tokenizers
+    prompt = " ".join(WORDS * 20)  # ~800 words
+    with pytest.warns(UserWarning, match="keeps the first 299"):
+        ids, mask = ours([prompt, "a cat"])
+    want = ref([prompt, "a cat"], padding="max_length", max_length=300, truncation=True, return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    assert ids[0, -1] == 1 and mask[0].all()
+
+
+def test_encode_end_to_end(tokenizers):
+    ours_tok, ref_tok = tokenizers
+    ref = reference_encoder(**TINY)
+    model = ours_from(ref, TINY)
+    prompts = ["a red cat under the blue sky", "", "東京 夜景 at night"]
+    y, mask = t5.encode(model, ours_tok, prompts)
+    batch = ref_tok(prompts, padding="max_length", max_length=300, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+    assert y.shape == (3, 300, TINY["d_model"]) and torch.equal(mask, batch["attention_mask"])
+    assert (y - want)[mask.bool()].abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+SMALL = dict(vocab_size=128, d_model=32, d_ff=48, num_heads=4, d_kv=8, num_layers=2)
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def write_text_encoder(folder, sd, config, drop=(), extra=None, tied_copy=False):
+    """The released text_encoder/ layout: config.json, model.safetensors.index.json and 2 fp32 shards."""
+    sd = {k: v.clone() for k, v in sd.items() if k not in drop and (tied_copy or k != "encoder.embed_tokens.weight")}
+    sd |= extra or {}
+    keys = sorted(sd)
+    split = {k: SHARDS[i >= len(keys) // 2] for i, k in enumerate(keys)}
+    os.makedirs(folder, exist_ok=True)
+    for shard in SHARDS:
+        save_file({k: sd[k] for k in keys if split[k] == shard}, os.path.join(folder, shard), metadata={"format": "pt"})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    json.dump({"metadata": {"total_size": total}, "weight_map": split}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    config.to_json_file(os.path.join(folder, "config.json"))
+    return folder
+
+
+@pytest.fixture
+def released(tmp_path):
+    ref = reference_encoder(**SMALL)
+    return ref, ref.state_dict(), tmp_path
+
+
+@pytest.mark.parametrize("tied_copy", [False, True])
+def test_load_sharded_folder_into_bf16(released, tied_copy):
+    ref, sd, tmp = released
+    folder = write_text_encoder(str(tmp / "text_encoder"), sd, ref.config, tied_copy=tied_copy)
+    model = t5.load_t5(folder, dtype=torch.bfloat16)
+    assert model.config == t5.T5Config(**SMALL)
+    got = model.state_dict()
+    for k, v in got.items():  # every tensor present, converted to bf16 exactly as torch rounds it
+        assert v.dtype == torch.bfloat16 and torch.equal(v, sd[k].to(torch.bfloat16)), k
+    ids, mask = padded_batch(SMALL["vocab_size"], [300, 90])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        fp32 = t5.load_t5(folder, dtype=torch.float32)(ids, mask)
+        bf16 = model(ids, mask).float()
+    assert (fp32 - want)[mask.bool()].abs().max() <= 1e-5
+    assert (bf16 - want)[mask.bool()].norm() / want[mask.bool()].norm() < 3e-2
+
+
+def test_load_single_file(released):
+    ref, sd, tmp = released
+    sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+    save_file(sd, str(tmp / "t5.safetensors"))
+    ref.config.to_json_file(str(tmp / "config.json"))
+    model = t5.load_t5(str(tmp / "t5.safetensors"), dtype=torch.float32)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_load_reports_missing_shard(released):
+    ref, sd, tmp = released
+    folder = write_text_encoder(str(tmp / "te"), sd, ref.config)
+    os.remove(os.path.join(folder, SHARDS[1]))
+    with pytest.raises(FileNotFoundError, match=f"expects shard {SHARDS[1]}.*does not exist"):
+        t5.load_t5(folder)
+
+
+def test_load_reports_missing_unexpected_and_misshaped_keys(released):
+    ref, sd, tmp = released
+    gone = "encoder.block.1.layer.1.layer_norm.weight"
+    folder = write_text_encoder(str(tmp / "a"), sd, ref.config, drop=[gone],
+                                extra={"encoder.block.0.layer.0.SelfAttention.q.bias": torch.zeros(32)})
+    with pytest.raises(ValueError) as err:
+        t5.load_t5(folder)
+    assert f"missing key {gone} (32,)" in str(err.value)
+    assert "unexpected key encoder.block.0.layer.0.SelfAttention.q.bias" in str(err.value)
+    config = HFConfig(feed_forward_proj="gated-gelu", **(SMALL | {"d_ff": 64}))  # config.json disagrees with the weights
+    folder = write_text_encoder(str(tmp / "b"), sd, config)
+    with pytest.raises(ValueError, match=r"DenseReluDense.wi_0.weight: F32 \(48, 32\) in the file, model expects \(64, 32\)"):
+        t5.load_t5(folder)
+    with pytest.raises(FileNotFoundError, match="expected a .safetensors file or a folder"):
+        t5.load_t5(str(tmp / "nowhere"))
