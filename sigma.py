@@ -282,8 +282,14 @@ class PixArtSigma(nn.Module):
         x = self.x_embedder(x.to(dtype)) + self.pos_embed(h, w, x.device, dtype)  # (N, T, D)
         t = self.t_embedder(t.expand(N) if t.dim() == 0 else t)  # (N, D)
         t0 = self.t_block(t)  # (N, 6D)
+        mask = mask.bool()
+        if not torch.compiler.is_compiling() and mask.any():
+            # Drop the padding columns that no sample uses (exact; the official code drops padded tokens
+            # too): the caption MLP and 28 kv projections then run on the longest prompt, not on 300 tokens.
+            L = int(mask.any(0).nonzero().max()) + 1
+            y, mask = y[:, :L], mask[:, :L]
         y = self.y_embedder(y.to(dtype))  # (N, L, D)
-        mask = mask.bool()[:, None, None, :]  # (N, 1, 1, L): True = attend
+        mask = mask[:, None, None, :]  # (N, 1, 1, L): True = attend
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, mask, t0, (h, w), use_reentrant=False)

@@ -34,6 +34,182 @@ def report(name, ours, ref):
 SECTIONS = {}  # name -> function(); each section adds itself below
 
 
+def bench_dit():
+    """The DiT forward: ours vs diffusers' PixArtTransformer2DModel, full XL/2, same weights and inputs."""
+    import dataclasses
+    from diffusers import PixArtTransformer2DModel
+    import sigma
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    config = sigma.CONFIGS["2K" if cuda else "1024"]
+    kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+    ref = PixArtTransformer2DModel(**kwargs).eval()
+    ours = sigma.load_checkpoint(ref.state_dict(), config)
+    ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    # CPU: batch 2 at a 32² latent (256 px); GPU: the CFG batch of 2 at 1024² and 4096² (128², 512² latents)
+    for side in ([128, 512] if cuda else [32]):
+        x = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+        t = torch.tensor([999, 999], device=device)
+        y = torch.randn(2, 300, 4096, device=device, dtype=dtype)
+        mask = torch.zeros(2, 300, device=device)
+        mask[:, :40] = 1
+        t_ref = timeit(lambda: ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask), repeat=3)
+        t_ours = timeit(lambda: ours(x, t, y, mask), repeat=3)
+        report(f"DiT forward {side}² latent, batch 2, {str(dtype)[6:]}", t_ours, t_ref)
+        if cuda:  # KV compression in the deep half (paper), and torch.compile
+            kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=sigma.KV_DEEP_HALF))
+            kv = kv.to(device, dtype)
+            report(f"  + KV compression blocks 14-27", timeit(lambda: kv(x, t, y, mask)), t_ref)
+            compiled = torch.compile(ours)
+            report(f"  + torch.compile", timeit(lambda: compiled(x, t, y, mask), warmup=2), t_ref)
+            compiled_kv = torch.compile(kv)
+            report(f"  + KV compression + torch.compile", timeit(lambda: compiled_kv(x, t, y, mask), warmup=2), t_ref)
+            del kv, compiled, compiled_kv
+
+
+SECTIONS["dit"] = bench_dit
+
+
+def bench_sampler():
+    """Sampler overhead alone (a trivial model): 20 DPM-Solver++ steps, ours vs diffusers' scheduler loop."""
+    from diffusers import DPMSolverMultistepScheduler
+    import diffusion
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 4, 128, 128, device=device)
+    model_fn = lambda x, t: 0.5 * x  # noqa: E731
+
+    def ref():
+        sched = DPMSolverMultistepScheduler()
+        sched.set_timesteps(20, device=device)
+        z = x
+        for t in sched.timesteps:
+            z = sched.step(model_fn(z, t.expand(2)), t, z).prev_sample
+        return z
+
+    report("DPM-Solver++ 20 steps, 2x4x128x128, trivial model", timeit(
+        lambda: diffusion.dpm_solver(model_fn, x, 20, progress=False)), timeit(ref))
+
+
+SECTIONS["sampler"] = bench_sampler
+
+
+def random_t5(config, dtype=torch.float32, device="cpu"):
+    """Our T5 encoder with random weights at T5's init scales, allocated once (meta device -> to_empty)."""
+    import t5
+
+    with torch.device("meta"):
+        model = t5.T5Encoder(config)
+    model = model.to(dtype).to_empty(device=device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.fill_(1.0)
+            else:  # q at (D·d_kv)^-½ (T5 does not scale scores), other matrices at fan_in^-½, tables at 1
+                p.normal_(0, 1.0 if p.shape[1] < 128 or "shared" in name else
+                          (p.shape[1] * (config.d_kv if name.endswith(".q.weight") else 1)) ** -0.5)
+    return model
+
+
+def hf_t5(model, dtype):
+    """transformers' T5EncoderModel with exactly our model's weights (cast to dtype)."""
+    from transformers import T5Config, T5EncoderModel
+
+    c = model.config
+    ref = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **vars(c))).eval()
+    ref.load_state_dict(model.state_dict(), strict=False)  # ours has no encoder.embed_tokens alias: tied to shared
+    return ref.to(dtype)
+
+
+def padded_ids(config, N=4, L=300, device="cpu"):
+    ids = torch.randint(3, config.vocab_size, (N, L), device=device)
+    mask = (torch.arange(L, device=device)[None] < torch.linspace(L, 20, N, device=device)[:, None]).long()
+    return ids * mask, mask  # prompts of 300 ... 20 tokens, padded with id 0
+
+
+def peak_rss_gib(code):
+    """Peak resident memory (GiB) that `code` adds to a fresh interpreter (ru_maxrss, measured in a subprocess)."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
+        import t5, transformers
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        {code}
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return float(out.stdout.split()[-1])
+
+
+def bench_t5():
+    """T5 encoder: ours vs transformers' T5EncoderModel (CPU speed, fp32 and bf16), CPU dtype choice,
+    peak host memory of loading a sharded fp32 folder into bf16, and (GPU only) T5-XXL encode time."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import T5Config
+
+    import t5
+
+    if torch.cuda.is_available():  # T5-XXL, bf16, random weights: a CFG-sized batch and a training-sized one
+        model = random_t5(t5.T5Config(), torch.bfloat16, "cuda")
+        ref = hf_t5(model, torch.bfloat16).cuda()
+        for N in (2, 32):
+            ids, mask = padded_ids(model.config, N, device="cuda")
+            report(f"T5-XXL encode, {N} prompts x 300 tokens, bf16, GPU", timeit(lambda: model(ids, mask)),
+                   timeit(lambda: ref(input_ids=ids, attention_mask=mask)))
+        del model, ref
+        torch.cuda.empty_cache()
+
+    # CPU speed: T5 v1.1-large width (1024/2816/16 heads), 8 layers, 4 prompts of 300..20 tokens
+    config = t5.T5Config(vocab_size=32128, d_model=1024, d_ff=2816, num_heads=16, d_kv=64, num_layers=8)
+    ids, mask = padded_ids(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_t5(config).to(dtype)
+        ref = hf_t5(model, dtype)
+        t_ref = timeit(lambda: ref(input_ids=ids, attention_mask=mask))
+        report(f"T5 large width x8 layers, 4x300 tokens, {str(dtype)[6:]}, CPU", timeit(lambda: model(ids, mask)), t_ref)
+    del model, ref
+
+    # CPU dtype: our encoder at the full XXL width (2 of its 24 layers), fp32 vs bf16
+    config = t5.T5Config(num_layers=2)
+    ids, mask = padded_ids(config, N=2)
+    model = random_t5(config)
+    t32 = timeit(lambda: model(ids, mask), repeat=2)
+    model = model.to(torch.bfloat16)
+    t16 = timeit(lambda: model(ids, mask), repeat=2)
+    print(f"{'T5-XXL width x2 layers, 2x300 tokens, CPU':<48} fp32 {t32:8.3f}s   bf16 {t16:8.3f}s   "
+          f"bf16/fp32 {t16 / t32:5.2f}x", flush=True)
+    del model
+
+    # Peak host memory: load a sharded fp32 text_encoder/ folder (the released layout) into bf16
+    config = t5.T5Config(d_model=2048, d_ff=5120, num_heads=32, num_layers=12)
+    with tempfile.TemporaryDirectory() as folder:
+        sd = random_t5(config).state_dict()
+        keys = sorted(sd)
+        shards = {k: f"model-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors" for i, k in enumerate(keys)}
+        for shard in sorted(set(shards.values())):
+            save_file({k: sd[k] for k in keys if shards[k] == shard}, os.path.join(folder, shard))
+        fp32 = sum(v.numel() * 4 for v in sd.values()) / 2**30
+        del sd
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": int(fp32 * 2**30)}, "weight_map": shards}, f)
+        T5Config(feed_forward_proj="gated-gelu", **vars(config)).to_json_file(os.path.join(folder, "config.json"))
+        ours = peak_rss_gib(f"m = t5.load_t5({folder!r}, torch.bfloat16)")
+        ref = peak_rss_gib(f"m = transformers.T5EncoderModel.from_pretrained({folder!r}, dtype=torch.bfloat16)")
+    print(f"{'load sharded fp32 T5 (d_model 2048, 12 layers) -> bf16':<48} peak RSS ours {ours:.2f} GiB   "
+          f"transformers {ref:.2f} GiB   (fp32 files {fp32:.2f} GiB, bf16 model {fp32 / 2:.2f} GiB)", flush=True)
+
+
+SECTIONS["t5"] = bench_t5
+
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)
     for name in names:
