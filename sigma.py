@@ -402,8 +402,11 @@ def config_from_official(sd):
 
 def _read_safetensors(path):
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # truncated download, wrong file
+        raise ValueError(f"could not read {path} as safetensors ({e}); delete it and download it again") from None
 
 
 def _read_diffusers_folder(folder):

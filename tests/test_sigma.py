@@ -286,3 +286,11 @@ def test_position_embedding_matches_diffusers():
         ours = sigma.pos_embed_2d(1152, h, w, base, interp)
         theirs = get_2d_sincos_pos_embed(1152, (h, w), base_size=base, interpolation_scale=interp, output_type="pt")
         assert ours.shape == (h * w, 1152) and (ours - theirs.float()).abs().max() < 1e-5
+
+
+def test_truncated_safetensors_is_reported(tmp_path):
+    sigma.save_checkpoint(sigma.PixArtSigma(TINY), tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="could not read .*cut.safetensors as safetensors"):
+        sigma.load_checkpoint(tmp_path / "cut.safetensors")
