@@ -26,6 +26,7 @@ import sizes
 import t5 as t5lib
 import vae as vaelib
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("a small cactus with happy face in the sahara desert red fox snow golden hour lighthouse on cliff at dawn "
          "cat sitting mat photo of painting watercolor city night rain blue sky green forest mountain river old "
@@ -47,8 +48,8 @@ def write_components(root):
     t5 = T5EncoderModel(T5Config(vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
                                  feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"))
     t5.save_pretrained(f"{root}/text_encoder", max_shard_size="70KB")
-    dit = PixArtTransformer2DModel(sample_size=32, num_layers=2, num_attention_heads=4, attention_head_dim=16,
-                                   in_channels=4, out_channels=8, caption_channels=32, cross_attention_dim=64,
+    dit = PixArtTransformer2DModel(sample_size=32, num_layers=2, num_attention_heads=2, attention_head_dim=72,
+                                   in_channels=4, out_channels=8, caption_channels=32, cross_attention_dim=144,
                                    interpolation_scale=0.5, use_additional_conditions=False, norm_type="ada_norm_single",
                                    norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000)
     with torch.no_grad():  # random everywhere: its zero-inits would make every image the same
@@ -155,3 +156,161 @@ def test_images_match_diffusers_pipeline(components, size, binning):
     assert a.shape == b.shape == (size[0], size[1], 3)
     assert a.std() > 10  # a real picture, not a flat colour
     assert np.abs(a - b).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def cli(capsys, *args):
+    """sample.main in-process -> (exit code, stdout, stderr)."""
+    rc = sample.main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return rc, out.out, out.err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_cli_writes_pngs_with_settings(components, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--model", components, "--steps", 2, "--out", out, "--device", "cpu"]
+    rc, stdout, _ = cli(capsys, "A red fox in snow", "a lighthouse at dawn", "--size", "320x192", "--n", 2, "--seed", 5, *common)
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["00000-5.png", "00001-6.png", "00002-7.png", "00003-8.png"]
+    assert stdout.split() == [str(out / f) for f in sorted(os.listdir(out))]
+    first = Image.open(out / "00001-6.png")
+    assert first.size == (320, 192)
+    assert first.text["parameters"] == ("A red fox in snow\nNegative prompt: \nSteps: 2, Sampler: dpm, CFG scale: 4.5, "
+                                        f"Seed: 6, Size: 320x192, Model: {components}/transformer")
+    assert Image.open(out / "00002-7.png").text["parameters"].startswith("a lighthouse at dawn\n")
+    assert np.abs(pixels(out / "00000-5.png") - pixels(out / "00001-6.png")).max() > 10  # seeds differ
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    # the same seed alone gives the same image as inside a batch; the second run adds a file
+    assert cli(capsys, "A red fox in snow", "--size", "320x192", "--seed", 6, *common)[0] == 0
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert np.array_equal(pixels(out / "00004-6.png"), pixels(out / "00001-6.png"))
+    # another aspect ratio (portrait, exact size), the other sampler, a negative prompt
+    rc, _, _ = cli(capsys, "a red fox in snow", "--size", "192x320", "--no-binning", "--sampler", "ancestral",
+                   "--negative", "blurry", "--seed", 1, *common)
+    image = Image.open(out / "00005-1.png")
+    assert rc == 0 and image.size == (192, 320)
+    assert "Negative prompt: blurry\nSteps: 2, Sampler: ancestral" in image.text["parameters"]
+
+
+def test_official_pth_and_own_checkpoint_give_the_same_images(components, tmp_path, capsys):
+    model = sigma.load_checkpoint(f"{components}/transformer")
+    # the released files carry the training grid's position table; heads of 72 as every released model
+    sd = dict(model.state_dict(), pos_embed=torch.zeros(1, 16 * 16, 144))
+    torch.save({"state_dict": sd}, tmp_path / "PixArt-Sigma-tiny.pth")
+    sigma.save_checkpoint(model, tmp_path / "ours.safetensors")
+    images = []
+    for i, weights in enumerate([f"{components}/transformer", tmp_path / "PixArt-Sigma-tiny.pth", tmp_path / "ours.safetensors"]):
+        out = tmp_path / f"out{i}"
+        assert cli(capsys, "a cat on a mat", "--model", weights, "--components", components, "--size", 256,
+                   "--steps", 2, "--seed", 0, "--out", out)[0] == 0
+        images.append(pixels(out / "00000-0.png"))
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+
+
+def fake_hub_cache(cache, repo, files):
+    """Lay `files` ({path in repo: local file}) out as huggingface_hub caches a download of `repo`."""
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(commit)
+    for name, src in files.items():
+        dst = os.path.join(base, "snapshots", commit, name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy(src, dst)
+    return os.path.join(base, "snapshots", commit)
+
+
+def tree(root, *folders):
+    return {os.path.relpath(os.path.join(d, f), root): os.path.join(d, f)
+            for folder in folders for d, _, fs in os.walk(os.path.join(root, folder)) for f in fs}
+
+
+def test_released_name_resolves_offline_from_the_hf_cache(components, tmp_path, capsys):
+    """`--model 256` in a fresh process with HF_HUB_OFFLINE=1: transformer from the model's repo, T5, tokenizer and
+    VAE from the shared components repo, all found in the cache; the image equals the local-folder run."""
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, hub.MODELS["256"][0], tree(components, "transformer"))
+    fake_hub_cache(cache, hub.COMPONENTS_REPO, tree(components, "text_encoder", "tokenizer", "vae"))
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    args = ["a cat on a mat", "--size", 256, "--steps", 2, "--seed", 0, "--device", "cpu"]
+    done = subprocess.run([sys.executable, "sample.py", *map(str, args), "--model", "256", "--out", tmp_path / "a"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert cli(capsys, *args, "--model", components, "--out", tmp_path / "b")[0] == 0
+    got = Image.open(tmp_path / "a" / "00000-0.png")
+    assert got.text["parameters"].endswith("Model: 256")
+    assert np.array_equal(pixels(tmp_path / "a" / "00000-0.png"), pixels(tmp_path / "b" / "00000-0.png"))
+
+
+def test_hub_prefers_what_is_already_cached(components, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    repo = hub.MODELS["1024"][0]
+    # a diffusers pipeline download of the model: T5 and the VAE come from it, the shared repo is never asked
+    snapshot = fake_hub_cache(tmp_path, repo, tree(components, "transformer", "text_encoder", "tokenizer", "vae"))
+    assert hub.resolve_components(None, repo)["vae"] == os.path.join(snapshot, "vae")
+    assert hub.resolve_model("1024") == (os.path.join(snapshot, "transformer"), "1024", repo)
+    # only the official .pth is cached: it is used instead of downloading the diffusers copy
+    pth = tmp_path / "x.pth"
+    pth.write_bytes(b"")
+    official = fake_hub_cache(tmp_path, hub.OFFICIAL_REPO, {hub.MODELS["2K"][1]: pth})
+    assert hub.resolve_model("2k")[:2] == (os.path.join(official, hub.MODELS["2K"][1]), "2K")
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "3000"], "--model '3000' is neither a released model (256, 512, 1024, 2K)"),
+    (["--size", "1000x1001"], "--size must be a multiple of 8 on both sides"),
+    (["--size", "9000"], "out of range"),
+    (["--size", "big"], "--size must be a number"),
+    (["--steps", "0"], "need 1 <= --steps <= 1000"),
+    (["--cfg", "-1"], "--cfg >= 0"),
+    (["--kv-compress", "maxpool"], "--kv-compress mode must be conv, uniform or avgpool"),
+])
+def test_bad_arguments_fail_before_loading(args, message, tmp_path, capsys):
+    corrupt = tmp_path / "bad.pth"  # would fail if anything were loaded: the argument check must come first
+    corrupt.write_bytes(b"not a checkpoint")
+    rc, _, err = cli(capsys, "a cat", "--model", corrupt, *args)
+    assert rc == 2 and message in err, err
+
+
+def test_missing_weights_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    rc, _, err = cli(capsys, "a cat", "--model", "1024")
+    assert rc == 2
+    assert "cannot get transformer/config.json of https://huggingface.co/PixArt-alpha/PixArt-Sigma-XL-2-1024-MS" in err
+    assert "--model" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_corrupt_checkpoints(components, tmp_path, capsys):
+    bad = tmp_path / "PixArt-Sigma-XL-2-1024-MS.pth"
+    bad.write_bytes(b"\x80\x02garbage" * 100)
+    rc, _, err = cli(capsys, "a cat", "--model", bad, "--components", components, "--size", 256)
+    assert rc == 2 and str(bad) in err
+    folder = tmp_path / "transformer"
+    shutil.copytree(f"{components}/transformer", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # an interrupted download
+    rc, _, err = cli(capsys, "a cat", "--model", folder, "--components", components, "--size", 256)
+    assert rc == 2 and "cannot load the transformer" in err and "damaged" in err
+
+
+def test_long_prompt_warns_and_truncates(components, tmp_path, capsys):
+    prompt = " ".join(WORDS * 8)  # ~ 600 tokens
+    with pytest.warns(UserWarning, match="tokens"):
+        rc, _, _ = cli(capsys, prompt, "--model", components, "--size", 256, "--steps", 1, "--seed", 0, "--out", tmp_path)
+    assert rc == 0 and os.listdir(tmp_path) == ["00000-0.png"]
+
+
+def test_help_lists_defaults_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "(default: 4.5)" in text and "Examples:" in text and "--kv-compress" in text
