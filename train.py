@@ -1,0 +1,443 @@
+"""Fine-tune PixArt-Σ (arXiv 2403.04692) on your captioned images, one GPU or many, through the paper's
+"weak-to-strong" stages: a trained DiT is adapted to a stronger VAE, a higher resolution and KV compression
+at ~9% of the cost of training from scratch (paper §3, REFERENCE §7).
+
+Recipe (official configs): CAME, lr 2e-5 × √(total batch / 256), warmup then constant, grad clip 0.01,
+bf16 autocast, gradient checkpointing, caption dropout 0.1 to the null caption T5(""), IDDPM loss
+(ε MSE + learned-variance VB term), no EMA (a flag here). What is ours: the noise, timesteps and caption
+dropout of global micro-batch k are drawn from a generator seeded by (seed, k), and the data order is a pure
+function of (seed, epoch) — so 2 ranks × batch B train exactly like 1 rank × 2B, and --resume continues
+the very same loss curve without storing any RNG state.
+
+    python train.py --quickstart                                   # CPU, no download: shapes in ~10 min
+    torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
+    torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
+
+Weak-to-strong stages (each one command; add --data/--out/--cache as above):
+    1. new VAE:   --init PixArt-XL-2-512x512.pth (PixArt-α, SD VAE 0.18215) --image-size 512 --steps 2000
+                  (the components' SDXL VAE, 0.13025, encodes the images; same DiT)
+    2. higher res: --init runs/stage1/step_0002000/model.safetensors --image-size 1024 --steps 1000
+                  (sample_size 128 and pe_interpolation 2 follow from the size; the 1024 bucket table)
+    3. KV compression: --init runs/stage2/step_0001000/model.safetensors --kv-compress-layers deep --warmup 500 --steps 100
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import diffusion
+import sigma
+import t5
+from came import CAME
+
+# The quick start: a DiT of ~2.5M parameters learns 32×32 coloured shapes in pixel space, conditioned on a
+# 2-layer T5 with frozen random weights (a random T5 still gives every word, in its place, a distinct vector).
+QUICKSTART = dict(image_size=32, no_buckets=True, vae_factor=1, batch_size=32, lr=1e-3, optimizer="adamw", warmup=100,
+                  clip=1.0, steps=3000, save_every=500, log_every=25, out="runs/quickstart", workers=0,
+                  caption_tokens=16, lr_scaling=False, preview_every=500,
+                  preview_prompts="a red circle on a blue background|a green square on a white background|"
+                                  "a yellow triangle on a black background|a blue circle on a yellow background")
+QUICK_DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, out_channels=6,
+                 caption_channels=64, caption_tokens=16, sample_size=32, pe_interpolation=1.0)
+QUICK_T5 = dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup_ddp(device):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Plain `python` = one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def parse_layers(spec, depth):
+    """'deep' = the deep half (paper Tab. 3d), '14-27' a range, '3,5' a list, '' none."""
+    if spec == "deep":
+        return tuple(range(depth // 2, depth))
+    out = []
+    for part in filter(None, spec.split(",")):
+        a, _, b = part.partition("-")
+        out += range(int(a), int(b or a) + 1)
+    return tuple(out)
+
+
+def build_model(args, device):
+    """--init: 'scratch', a released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
+    latent = args.image_size // args.vae_factor
+    if args.init == "scratch":
+        config, sd = sigma.SigmaConfig(**QUICK_DIT) if args.quickstart else sigma.CONFIGS[args.config], None
+        config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation)
+    else:
+        path = args.init
+        if not os.path.exists(path):
+            import hub  # a released name -> the Hugging Face cache (sample.py's resolver)
+            path = hub.resolve_model(path)[0]
+        sd, config = sigma.read_state_dict(path)
+        alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
+        if alpha:  # PixArt-α 1024-MS: Σ drops the size/aspect micro-conditions (paper §3)
+            print(f"init: ignoring PixArt-α's micro-condition embedders ({len(alpha)} tensors)")
+            sd = {k: v for k, v in sd.items() if k not in alpha}
+        config = config or sigma.config_from_official(sd)
+        if config.caption_tokens != args.caption_tokens:  # PixArt-α: 120 T5 tokens; Σ: 300
+            print(f"init: caption length {config.caption_tokens} -> {args.caption_tokens}; null caption re-encoded")
+            sd["y_embedder.y_embedding"] = torch.zeros(args.caption_tokens, config.caption_channels)
+            config = replace(config, caption_tokens=args.caption_tokens)
+    if latent != config.sample_size:  # stage 2: the position table is recomputed for the new grid
+        pe = args.pe_interpolation or args.image_size / 512
+        print(f"model: training size {config.sample_size * args.vae_factor} -> {args.image_size} px: "
+              f"sample_size {latent}, pe_interpolation {pe:g}")
+        config = replace(config, sample_size=latent, pe_interpolation=pe)
+    if args.kv_compress_layers:  # stage 3: load_checkpoint gives the new conv/norm the paper's averaging init
+        config = replace(config, kv_compress_layers=parse_layers(args.kv_compress_layers, config.depth),
+                         kv_compress_ratio=args.kv_compress_ratio)
+    model = sigma.PixArtSigma(config) if sd is None else sigma.load_checkpoint(sd, config)
+    return model.to(device).train()
+
+
+def quickstart_components(folder, seed=0):
+    """A word-level sentencepiece model trained on the shape captions and a tiny random T5, saved in the
+    released layout (tokenizer/spiece.model, text_encoder/) so sample.py loads them like the real ones."""
+    import sentencepiece as spm
+    os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
+    spiece = os.path.join(folder, "tokenizer", "spiece.model")
+    if not os.path.exists(spiece):  # 'word' model: one id per word of a closed vocabulary, T5's special ids
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(data.ShapesDataset.captions()), model_prefix=spiece[:-6],
+                                       model_type="word", vocab_size=32, hard_vocab_limit=False, pad_id=0,
+                                       eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    weights = os.path.join(folder, "text_encoder", "model.safetensors")
+    if not os.path.exists(weights):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            cfg = t5.T5Config(vocab_size=t5.Tokenizer(spiece).sp.get_piece_size(), **QUICK_T5)
+            save_file(t5.T5Encoder(cfg).state_dict(), weights)
+        json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
+                  open(os.path.join(folder, "text_encoder", "config.json"), "w"))
+    return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=None)
+
+
+def load_encoders(args, caption_tokens, device):
+    """-> encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), ids for the cache."""
+    if args.quickstart:
+        comps = dict(text_encoder=os.path.join(args.out, "text_encoder"), vae=None,
+                     tokenizer=os.path.join(args.out, "tokenizer", "spiece.model"))
+    else:
+        import hub
+        comps = hub.resolve_components(args.components)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
+    tok = t5.Tokenizer(comps["tokenizer"], max_length=caption_tokens)
+    vae_path = args.vae or comps["vae"]
+    if vae_path is None:  # pixel space: the "latent" is the image itself
+        encode_images = decode = lambda x: x.to(device)
+    else:
+        import vae as vae_lib
+        vae = vae_lib.load_vae(vae_path, dtype=dtype, device=device).eval()
+        encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
+        decode = lambda z: vae.decode(z.to(dtype)).float()
+    encode_captions = lambda prompts: tuple(v.float() for v in t5.encode(text, tok, prompts))
+    return encode_images, encode_captions, decode
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_state(out, step, model, ema, opt, extra, keep):
+    """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
+    'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
+    name = f"step_{step:07d}"
+    final, tmp = os.path.join(out, name), os.path.join(out, f".tmp_{name}")
+    if os.path.exists(final):
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+    if ema is not None:
+        sigma.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
+    torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []
+    for d in old:
+        shutil.rmtree(os.path.join(out, d))
+    return final
+
+
+def latest_checkpoint(out):
+    pointer = os.path.join(out, "latest")
+    return os.path.join(out, open(pointer).read().strip()) if os.path.exists(pointer) else None
+
+
+# ---------------------------------------------------------------------------------------------- training
+def micro_batches(dataset, sampler, start, workers):
+    """Endless stream of this rank's micro-batches, starting at global micro-batch number `start`."""
+    epoch, offset = divmod(start, len(sampler))
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.epoch(epoch)[offset:],
+                                             num_workers=workers, collate_fn=list)
+        for items in loader:
+            yield epoch, items
+        epoch, offset = epoch + 1, 0
+
+
+def pad_tokens(ys, L):
+    """List of (L_valid, D) caption features -> y (N, L, D) zero-padded, mask (N, L)."""
+    y = torch.zeros(len(ys), L, ys[0].shape[-1])
+    mask = torch.zeros(len(ys), L, dtype=torch.long)
+    for i, v in enumerate(ys):
+        y[i, : len(v)], mask[i, : len(v)] = v[:L].float(), 1
+    return y, mask
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_ddp(args.device)
+    torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
+    master = rank == 0
+    os.makedirs(args.out, exist_ok=True)
+    if args.quickstart and master:
+        quickstart_components(args.out, args.seed)
+    if world > 1:
+        dist.barrier()  # the others read what rank 0 wrote
+    resume = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume is None and master:
+        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+    if resume:
+        model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
+    else:
+        model = build_model(args, device)
+    cfg = model.config
+    model.gradient_checkpointing = args.grad_checkpoint
+
+    # data: shapes (quick start), a feature cache, or images encoded on the fly
+    keys = [k.partition(":")[0] for k in args.caption_keys.split(",")]
+    weights = torch.tensor([float(k.partition(":")[2] or 1) for k in args.caption_keys.split(",")])
+    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
+    encoders, skipped = None, 0
+    if args.quickstart:
+        dataset = data.ShapesDataset(args.image_size)
+    else:
+        records, skipped = data.scan(args.data, keys)
+        dataset = data.ImageDataset(records, table)
+    if args.cache and not args.quickstart:
+        ids = dict(t5=args.components, vae=args.vae or args.components)  # names, not loads: a valid cache needs neither
+        fp = data.fingerprint(records, table, ids["vae"], ids["t5"], cfg.caption_tokens)
+        index = os.path.join(args.cache, "index.json")
+        if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fp):
+            enc_img, enc_cap, _ = load_encoders(args, cfg.caption_tokens, device)
+            data.build_cache(args.cache, records, table, fp, enc_img, enc_cap, rank, world)
+            if master:
+                y0, m0 = enc_cap([""])
+                save_file(dict(y=y0[0].cpu().contiguous(), mask=m0[0].cpu().contiguous()), os.path.join(args.cache, "null.safetensors"))
+            del enc_img, enc_cap  # free T5 and the VAE before training
+            if world > 1:
+                dist.barrier()
+            if master:
+                data.write_cache_index(args.cache, fp)
+            if world > 1:
+                dist.barrier()
+        dataset = data.CachedDataset(args.cache)
+        skipped += dataset.skipped
+        null = load_file(os.path.join(args.cache, "null.safetensors"))
+        y_null, m_null = null["y"], null["mask"]
+    else:
+        encoders = load_encoders(args, cfg.caption_tokens, device)
+        y_null, m_null = (v[0].cpu() for v in encoders[1]([""]))
+    if args.preview_every:  # encode the preview prompts now: T5 need not stay in memory
+        enc = encoders or load_encoders(args, cfg.caption_tokens, device)
+        y_prev, m_prev = enc[1](args.preview_prompts.split("|"))
+        decode, latent_hw = enc[2], (cfg.sample_size, cfg.sample_size)
+        del enc
+    # caption dropout uses T5(""): the same null caption as diffusers' sampling pipeline uses for CFG
+    model.y_embedder.y_embedding.copy_(y_null.to(model.y_embedder.y_embedding))
+    y_null, m_null = y_null.to(device), m_null.to(device)
+    sampler = data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)
+
+    # optimisation
+    global_batch = args.batch_size * world * args.grad_accum
+    lr = args.lr * math.sqrt(global_batch / 256) if args.lr_scaling else args.lr  # official 'sqrt' auto-lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "came":
+        opt = CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    step = 0
+    if resume:
+        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if ema is not None:
+            ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors")))
+        if state["global_batch"] != global_batch and master:
+            print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
+        if master:
+            print(f"resumed from {resume} at step {step}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    stream = micro_batches(dataset, sampler, step * args.grad_accum, args.workers)
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    B, G, seen, t_last = args.batch_size, args.batch_size * world, 0, time.time()
+    while step < args.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
+        stats = torch.zeros(4, device=device)  # loss, mse, vb, images
+        for micro in range(args.grad_accum):
+            k = step * args.grad_accum + micro  # global micro-batch number: keys all randomness below
+            epoch, items = next(stream)
+            keep = [i for i, it in enumerate(items) if it is not None]
+            skipped += len(items) - len(keep)
+            items = [items[i] for i in keep]
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+            sl = torch.tensor([rank * B + i for i in keep], device=device)  # this rank's rows of the global draw
+            t = torch.randint(0, diffusion.NUM_TIMESTEPS, (G,), generator=g, device=device)[sl]
+            drop = (torch.rand(G, generator=g, device=device) < args.caption_dropout)[sl]
+            choice = torch.multinomial(weights.to(device).expand(G, -1), 1, generator=g)[sl, 0].tolist()
+            if "latent" in items[0]:  # cached features
+                x0 = torch.stack([it["latent"] for it in items]).to(device)
+                y, mask = (v.to(device) for v in pad_tokens([it["y"][c] for it, c in zip(items, choice)], cfg.caption_tokens))
+            else:
+                with torch.no_grad():
+                    x0 = encoders[0](torch.stack([it["image"] for it in items]))
+                    y, mask = encoders[1]([it["captions"][c] for it, c in zip(items, choice)])
+            noise = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[sl]
+            y = torch.where(drop[:, None, None], y_null.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
+            mask = torch.where(drop[:, None], m_null.to(mask.dtype), mask)
+            sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    out = diffusion.training_losses(net, x0, t, y, mask, noise)
+                (out["loss"].mean() / args.grad_accum).backward()
+            stats += torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(), out["loss"].new_tensor(len(items))]).detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+        step += 1
+        seen += G * args.grad_accum
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            if world > 1:
+                dist.all_reduce(stats)
+            n, now = stats[3].item(), time.time()
+            rec = dict(step=step, epoch=epoch, loss=stats[0].item() / n, mse=stats[1].item() / n, vb=stats[2].item() / n,
+                       lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), images_per_s=seen / (now - t_last),
+                       skipped_images=skipped)
+            seen, t_last = 0, now
+            if master:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.1f}")
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+        if step % args.save_every == 0 or step == args.steps:
+            if master:
+                path = save_state(args.out, step, model, ema, opt, dict(global_batch=global_batch, seed=args.seed,
+                                  epoch=epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
+                if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
+                    preview(ema or model, y_prev, m_prev, y_null, m_null, decode, latent_hw,
+                            os.path.join(path, "preview.png"))
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+@torch.no_grad()
+def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, steps=20, cfg=4.5, seed=0):
+    """Grid PNG: one row per prompt, `per_prompt` seeds; DPM-Solver++(2M) with CFG as sample.py runs it."""
+    model.eval()
+    rows = []
+    for p in range(len(y)):
+        g = torch.Generator().manual_seed(seed + p)
+        x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
+        fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
+                              y_null, m_null, cfg)
+        rows.append(decode(diffusion.dpm_solver(fn, x, steps, progress=False)).clamp(-1, 1).cpu())  # (n, 3, H, W)
+    model.train()
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
+    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
+    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--quickstart", action="store_true", help="CPU demo, no download: synthetic shapes, tiny T5 and DiT")
+    a("--data", help="folder of images + same-name .txt captions, or a .jsonl manifest")
+    a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
+    a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
+    a("--no-buckets", action="store_true", help="one square bucket of --image-size instead of the 40 aspect ratios")
+    a("--cache", help="feature cache folder: encode once with T5 + VAE, then train without them")
+    a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
+    a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
+    a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
+                                        "a diffusers folder or our .safetensors")
+    a("--config", default="1024", help="architecture for --init scratch: a released config name")
+    a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
+    a("--pe-interpolation", type=float, help="position-embedding scale when the size changes (default size/512)")
+    a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
+    a("--kv-compress-ratio", type=int, default=2, help="keys/values merged ratio×ratio")
+    a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
+    a("--resume", action="store_true", help="continue from --out/latest (same command line)")
+    a("--steps", type=int, default=1000, help="optimizer steps in total")
+    a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--optimizer", default="came", choices=["came", "adamw"], help="CAME as the official configs, or AdamW")
+    a("--lr", type=float, default=2e-5, help="base learning rate at a total batch of 256")
+    a("--no-lr-scaling", dest="lr_scaling", action="store_false", help="use --lr as is, not × √(batch/256)")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    a("--warmup", type=int, default=1000, help="linear warmup steps (official: 1000; 500 for the KV stage)")
+    a("--clip", type=float, default=0.01, help="gradient-norm clip (official 0.01)")
+    a("--caption-dropout", type=float, default=0.1, help="probability of the null caption (for CFG)")
+    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999 (0 = off, as the official Sigma trainer)")
+    a("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
+    a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0, help="seed of the data order and of the noise")
+    a("--workers", type=int, default=4, help="data-loading processes per rank")
+    a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
+    a("--log-every", type=int, default=10, help="log every N steps")
+    a("--preview-every", type=int, default=0, help="save a sample grid with every N-th checkpoint (0 = off)")
+    a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
+      help="'|'-separated preview prompts")
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args, _ = p.parse_known_args(argv)
+    if args.quickstart:  # quick-start defaults; flags given explicitly still win
+        p.set_defaults(**QUICKSTART)
+    else:
+        p.set_defaults(vae_factor=8)
+    args = p.parse_args(argv)
+    if not args.quickstart and not args.data:
+        p.error("--data is required (or use --quickstart)")
+    return args
+
+
+if __name__ == "__main__":
+    main()
