@@ -210,6 +210,190 @@ def bench_t5():
 SECTIONS["t5"] = bench_t5
 
 
+def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat16, sides=(1024, 2048, 4096),
+                 dit_config=None, t5_config=None, vae_config=None, prompt="a small cactus with a happy face"):
+    """sample.generate vs diffusers' PixArtSigmaPipeline, full-size random weights (the speed does not depend
+    on the values), 20 DPM-Solver++ steps with CFG, exact sizes (no binning), one image; seconds per image,
+    with KV compression (blocks 14-27) and torch.compile; peak GPU memory while the DiT and the VAE run.
+    The default configs are the released ones; pass tiny ones to smoke-test the code on a CPU."""
+    import dataclasses
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    import sample
+    import sigma
+    import t5
+    import vae as vaelib
+
+    cuda = device == "cuda"
+    t5_config, vae_config = t5_config or t5.T5Config(), vae_config or vaelib.SDXL
+    text_encoder = random_t5(t5_config, dtype, device)
+    tokenizer = t5.Tokenizer(spiece)
+    vae = vaelib.AutoencoderKL(vae_config).to(device, dtype).eval()  # default init: random, fine for timing
+    c = vae_config
+    ref_vae = AutoencoderKL(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                            latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups,
+                            down_block_types=("DownEncoderBlock2D",) * len(c.block_out_channels),
+                            up_block_types=("UpDecoderBlock2D",) * len(c.block_out_channels),
+                            scaling_factor=c.scaling_factor)
+    ref_vae.load_state_dict(vae.state_dict())
+    ref_vae, ref_t5 = ref_vae.to(device, dtype).eval(), hf_t5(text_encoder, dtype).to(device)
+    t5_bytes = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
+    for side in sides:
+        config = dit_config or sigma.CONFIGS["1024" if side <= 1536 else "2K"]
+        kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+        ref_dit = PixArtTransformer2DModel(**kwargs).eval()
+        dit = sigma.load_checkpoint(ref_dit.state_dict(), config).to(device, dtype)
+        kv = sigma.load_checkpoint(ref_dit.state_dict(), dataclasses.replace(
+            config, kv_compress_layers=tuple(range(config.depth // 2, config.depth)))).to(device, dtype)
+        pipe = PixArtSigmaPipeline(tokenizer=reference_tokenizer, text_encoder=ref_t5, vae=ref_vae,
+                                   transformer=ref_dit.to(device, dtype), scheduler=DPMSolverMultistepScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        if side * side > 2048 * 2048:
+            ref_vae.enable_tiling()  # untiled, its mid-block attention over 262k pixels does not fit (ours tiles itself)
+        repeat = 1 if side > 2048 else 2
+
+        def ref():
+            return pipe(prompt, height=side, width=side, num_inference_steps=20, use_resolution_binning=False,
+                        clean_caption=False, generator=torch.Generator("cpu").manual_seed(0))
+
+        def ours(model):
+            return lambda: sample.generate([prompt], model, text_encoder, tokenizer, vae, size=(side, side),
+                                           binning=False, progress=False)
+
+        t_ref = timeit(ref, repeat=repeat)
+        name = f"pipeline {side}², 20 steps, {str(dtype)[6:]}, {device}"
+        report(name, timeit(ours(dit), repeat=repeat), t_ref)
+        report("  + KV compression blocks 14-27", timeit(ours(kv), repeat=repeat), t_ref)
+        if cuda:
+            compiled, compiled_kv = torch.compile(dit), torch.compile(kv)
+            report("  + torch.compile", timeit(ours(compiled), warmup=2, repeat=repeat), t_ref)
+            report("  + KV compression + torch.compile", timeit(ours(compiled_kv), warmup=2, repeat=repeat), t_ref)
+            del compiled, compiled_kv
+            torch.cuda.reset_peak_memory_stats()
+            ref()
+            peak_ref = torch.cuda.max_memory_allocated() - t5_bytes  # diffusers keeps T5 resident: count it out
+
+            def dit_after_t5():  # generate calls this once T5 is done: the peak from here is the DiT + VAE phase
+                torch.cuda.reset_peak_memory_stats()
+                return dit
+
+            sample.generate([prompt], dit_after_t5, text_encoder, tokenizer, vae, size=(side, side), binning=False,
+                            progress=False)
+            peak = torch.cuda.max_memory_allocated() - t5_bytes
+            print(f"{'  peak GPU memory, DiT + VAE phase (T5 excluded)':<48} ours {peak / 2**30:6.2f} GiB   "
+                  f"diffusers {peak_ref / 2**30:6.2f} GiB", flush=True)
+        del pipe, ref_dit, dit, kv
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def bench_pipeline():
+    """End to end seconds per image (T5, 20 DPM-Solver++ steps with CFG, VAE decode): sample.generate vs
+    diffusers' PixArtSigmaPipeline on identical components. CPU: the tiny random pipeline of tests/test_sample.py
+    at 256². GPU (when present): full-size random weights at 1024², 2048², 4096² (pipeline_gpu)."""
+    import tempfile
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_sample import diffusers_pipeline, reference_tokenizer, write_components
+    import sample
+    import sigma
+    import t5
+    import vae as vaelib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_components(os.path.join(tmp, "pipeline"))
+        pipe = diffusers_pipeline(root)
+        pipe.set_progress_bar_config(disable=True)
+        model, vae = sigma.load_checkpoint(f"{root}/transformer"), vaelib.load_vae(f"{root}/vae")
+        text_encoder, tokenizer = t5.load_t5(f"{root}/text_encoder", torch.float32), t5.Tokenizer(f"{root}/tokenizer")
+        prompt = "a small cactus with a happy face in the sahara desert"
+        report("pipeline 256², 20 steps, tiny weights, CPU", timeit(
+            lambda: sample.generate([prompt], model, text_encoder, tokenizer, vae, size=(256, 256), progress=False)),
+            timeit(lambda: pipe(prompt, height=256, width=256, num_inference_steps=20, clean_caption=False,
+                                generator=torch.Generator("cpu").manual_seed(0))))
+        if torch.cuda.is_available():
+            pipeline_gpu(f"{root}/tokenizer/spiece.model", reference_tokenizer(root))
+        else:
+            print("pipeline: no CUDA device, GPU part (1024², 2048², 4096², bf16) not run", flush=True)
+
+
+SECTIONS["pipeline"] = bench_pipeline
+
+
+def bench_train():
+    """Training: CAME step ours vs came_pytorch; a full training step (IDDPM loss, backward, CAME) with our DiT
+    vs diffusers' PixArtTransformer2DModel under the same loss; on a GPU also images/s, MFU and the cost of
+    encoding on the fly (T5-XXL + SDXL VAE, random weights) that the feature cache removes."""
+    from came_pytorch import CAME as RefCAME
+    from diffusers import PixArtTransformer2DModel
+    import diffusion
+    import sigma
+    from came import CAME
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    with torch.inference_mode(False), torch.enable_grad():
+        config = sigma.CONFIGS["1024"] if cuda else sigma.SigmaConfig(depth=4, hidden_size=384, num_heads=6)
+        params = [torch.randn(p.shape, device=device) for p in sigma.PixArtSigma(config).parameters()]
+        for name, cls in (("ours", CAME), ("ref", RefCAME)):
+            ps = [p.clone().requires_grad_() for p in params]
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt = cls(ps, lr=2e-5)
+            (t_ours := timeit(opt.step)) if name == "ours" else report(
+                f"CAME step, {sum(p.numel() for p in ps) / 1e6:.0f}M params", t_ours, timeit(opt.step))
+            del ps, opt
+        kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+        ref = PixArtTransformer2DModel(**kwargs).to(device)
+        ours = sigma.load_checkpoint(ref.state_dict(), config).to(device).train()
+        ref_fn = lambda x, t, y, mask: ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample
+        cases = [(512, 32), (1024, 8)] if cuda else [(256, 2)]  # (pixels, batch)
+        for px, N in cases:
+            side = px // 8
+            x0 = torch.randn(N, 4, side, side, device=device)
+            t = torch.randint(0, 1000, (N,), device=device)
+            y = torch.randn(N, 300, 4096, device=device)
+            mask = torch.zeros(N, 300, device=device)
+            mask[:, :60] = 1
+            autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+
+            def step(model, opt):
+                with autocast:
+                    loss = diffusion.training_losses(model, x0, t, y, mask)["loss"].mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            o_ours, o_ref = CAME(ours.parameters(), lr=2e-5), CAME(ref.parameters(), lr=2e-5)
+            for ckpt in ([False, True] if cuda else [False]):
+                ours.gradient_checkpointing = ckpt
+                ref.gradient_checkpointing = ckpt  # diffusers' flag of the same name
+                s_ours = timeit(lambda: step(ours, o_ours))
+                s_ref = timeit(lambda: step(lambda *a: ref_fn(*a), o_ref))
+                label = f"train step {px}² batch {N}{' bf16' if cuda else ''}{' +grad ckpt' if ckpt else ''}"
+                report(label, s_ours, s_ref)
+                T, D = side * side // 4, config.hidden_size
+                flops = 3 * N * (2 * 0.52e9 * T + config.depth * 4 * T * T * D)  # fwd + bwd ≈ 3 forwards (REFERENCE §8)
+                print(f"{'':<48} {N / s_ours:8.1f} images/s"
+                      + (f", MFU {flops / s_ours / 989e12:5.1%} of 989 TFLOP/s" if cuda else ""), flush=True)
+            if cuda:
+                compiled = torch.compile(ours)
+                s_c = timeit(lambda: step(compiled, o_ours), warmup=2)
+                report(f"  + torch.compile", s_c, s_ref)
+            del o_ours, o_ref
+        if cuda:  # on-the-fly encoding, per image, that a feature cache saves (T5-XXL bf16 + SDXL VAE encode)
+            import t5
+            import vae
+            text = t5.T5Encoder(t5.T5Config()).to(device, torch.bfloat16).eval()
+            ae = vae.AutoencoderKL().to(device, torch.bfloat16).eval()
+            ids = torch.randint(0, 32000, (8, 300), device=device)
+            with torch.no_grad():
+                for px in (512, 1024):
+                    img = torch.randn(8, 3, px, px, device=device, dtype=torch.bfloat16)
+                    enc = timeit(lambda: (text(ids, (ids > 0).long()), ae.encode(img)))
+                    print(f"on-the-fly T5 + VAE encode {px}²: {enc / 8 * 1e3:8.1f} ms per image (0 with --cache)")
+
+
+SECTIONS["train"] = bench_train
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)
     for name in names:
