@@ -71,9 +71,8 @@ class T5LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        var = x.float().pow(2).mean(-1, keepdim=True)  # (N, L, 1)
-        return self.weight * (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+    def forward(self, x):  # = weight · (x · rsqrt(mean(x²) + eps)) computed in fp32, rounded, then scaled
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(self.weight.dtype)
 
 
 class T5Attention(nn.Module):
@@ -207,7 +206,6 @@ def encode(model, tokenizer, prompts):
 # ---------------------------------------------------------------------------------------------- loading
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-TIED = "encoder.embed_tokens.weight"  # transformers' alias of shared.weight; some files store it too
 
 
 def read_header(file):
@@ -219,24 +217,26 @@ def read_header(file):
             for k, v in header.items() if k != "__metadata__"}
 
 
-def find_weights(path):
-    """-> (folder, {key: file}) for a text_encoder/ folder (index + shards, or model.safetensors) or one file."""
+def find_tensors(path):
+    """-> (folder, {key: (file, dtype, shape, offset, nbytes)}) for a .safetensors file or a text_encoder/
+    folder holding model.safetensors.index.json + shards (the released layout) or model.safetensors."""
+    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(path):
-        return os.path.dirname(path), {k: path for k in read_header(path)}
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+        folder, files = os.path.dirname(path), [path]
+    elif os.path.isfile(index):
         weight_map = json.load(open(index))["weight_map"]
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(path, shard)):
-                keys = [k for k, v in weight_map.items() if v == shard]
-                raise FileNotFoundError(f"{index} expects shard {shard} ({len(keys)} tensors, e.g. {keys[0]}) but "
-                                        f"{os.path.join(path, shard)} does not exist; download every shard it lists")
-        return path, {k: os.path.join(path, v) for k, v in weight_map.items()}
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return path, {k: single for k in read_header(single)}
-    raise FileNotFoundError(f"{path}: expected a .safetensors file or a folder with model.safetensors.index.json "
-                            "+ shards or model.safetensors (the text_encoder/ folder of the released pipeline)")
+        folder, files = path, [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                keys = [k for k, v in weight_map.items() if v == os.path.basename(file)]
+                raise FileNotFoundError(f"{index} expects shard {os.path.basename(file)} ({len(keys)} tensors, e.g. "
+                                        f"{keys[0]}) but {file} does not exist; download every shard the index lists")
+    elif os.path.isfile(single):
+        folder, files = path, [single]
+    else:
+        raise FileNotFoundError(f"{path}: expected a .safetensors file or a folder with model.safetensors.index.json "
+                                "+ shards or model.safetensors (the text_encoder/ folder of the released pipeline)")
+    return folder, {k: (file, *entry) for file in files for k, entry in read_header(file).items()}
 
 
 def read_config(folder):
@@ -255,38 +255,30 @@ def load_t5(path, dtype=torch.bfloat16, device="cpu"):
     """Load the released fp32 T5 encoder into `dtype` on `device`, tensor by tensor.
 
     The model is built on the meta device and allocated once, directly in the target dtype; each tensor
-    is then read from its shard with plain file reads (not mmap: mapped pages would count towards the
-    process's memory, up to the whole 18 GB file) and converted as it is copied in. Peak host memory is
-    the final model plus one fp32 tensor (the 0.5 GB embedding): ~10 GB for T5-XXL in bf16."""
-    folder, where = find_weights(path)
+    is then read from its shard with plain file reads (not mmap, as safetensors' safe_open does: touched
+    mapped pages count as the process's memory, up to the whole 18 GB) and converted as it is copied in.
+    Peak host memory is the model plus one fp32 tensor (the 0.5 GB embedding): ~10 GB for T5-XXL in bf16."""
+    folder, tensors = find_tensors(path)
     config = read_config(folder)
     with torch.device("meta"):
         model = T5Encoder(config).to(dtype)
     model = model.to_empty(device=device).eval().requires_grad_(False)
-    headers = {file: read_header(file) for file in set(where.values())}
-    source = {k: (f, k) for k, f in where.items() if k != TIED}  # model key -> (file, key in that file)
-    if TIED in where and "shared.weight" not in where:
-        source["shared.weight"] = (where[TIED], TIED)  # else it is the same tensor stored twice: skip it
+    tied = tensors.pop("encoder.embed_tokens.weight", None)  # transformers' alias of shared.weight
+    if tied is not None and "shared.weight" not in tensors:
+        tensors["shared.weight"] = tied  # else it is the same tensor stored twice
     expected = model.state_dict()
-    problems = [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in source]
-    problems += [f"unexpected key {k} (in {os.path.basename(f)})" for k, (f, _) in source.items() if k not in expected]
-    for k in sorted(set(source) & set(expected)):
-        file, name = source[k]
-        if name not in headers[file]:
-            problems.append(f"{name}: the index puts it in {os.path.basename(file)}, which does not contain it")
-        elif tuple(headers[file][name][1]) != tuple(expected[k].shape) or headers[file][name][0] not in DTYPES:
-            dt, shape = headers[file][name][:2]
-            problems.append(f"{name}: {dt} {tuple(shape)} in the file, model expects {tuple(expected[k].shape)}")
+    problems = [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
+    problems += [f"unexpected key {k} (in {os.path.basename(t[0])})" for k, t in tensors.items() if k not in expected]
+    problems += [f"{k}: {t[1]} {tuple(t[2])} in the file, model expects {tuple(expected[k].shape)}"
+                 for k, t in tensors.items() if k in expected and (tuple(t[2]) != expected[k].shape or t[1] not in DTYPES)]
     if problems:
         shown = "\n  ".join(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
         raise ValueError(f"{path} does not match T5Encoder({config}):\n  {shown}\n"
                          "(is this a T5 v1.1 encoder, and is config.json beside it the right one?)")
-    for file in sorted(headers):
+    for k, (file, dt, shape, offset, nbytes) in sorted(tensors.items(), key=lambda kv: kv[1][::3]):  # file order
+        buf = bytearray(nbytes)
         with open(file, "rb") as f:
-            for k, (_, name) in [(k, v) for k, v in source.items() if v[0] == file]:
-                dt, shape, offset, nbytes = headers[file][name]
-                buf = bytearray(nbytes)
-                f.seek(offset)
-                f.readinto(buf)
-                expected[k].copy_(torch.frombuffer(buf, dtype=DTYPES[dt]).view(shape))  # converts the dtype
+            f.seek(offset)
+            f.readinto(buf)
+        expected[k].copy_(torch.frombuffer(buf, dtype=DTYPES[dt]).view(shape))  # converts the dtype
     return model

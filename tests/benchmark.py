@@ -129,17 +129,19 @@ def padded_ids(config, N=4, L=300, device="cpu"):
 
 
 def peak_rss_gib(code):
-    """Peak resident memory (GiB) that `code` adds to a fresh interpreter (ru_maxrss, measured in a subprocess)."""
+    """Peak resident memory (GiB) that `code` adds to a fresh interpreter. Measured in a subprocess with
+    VmHWM from /proc: ru_maxrss would also count the parent's memory, which a forked child starts from."""
     import subprocess
     import textwrap
 
     script = textwrap.dedent(f"""
-        import resource, sys, torch
+        import re, sys, torch
         sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
         import t5, transformers
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+        base = hwm()
         {code}
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)
+        print((hwm() - base) / 2**20)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -333,14 +335,15 @@ def bench_train():
     with torch.inference_mode(False), torch.enable_grad():
         config = sigma.CONFIGS["1024"] if cuda else sigma.SigmaConfig(depth=4, hidden_size=384, num_heads=6)
         params = [torch.randn(p.shape, device=device) for p in sigma.PixArtSigma(config).parameters()]
-        for name, cls in (("ours", CAME), ("ref", RefCAME)):
+        seconds = []
+        for cls in (CAME, RefCAME):
             ps = [p.clone().requires_grad_() for p in params]
             for p in ps:
                 p.grad = torch.randn_like(p)
-            opt = cls(ps, lr=2e-5)
-            (t_ours := timeit(opt.step)) if name == "ours" else report(
-                f"CAME step, {sum(p.numel() for p in ps) / 1e6:.0f}M params", t_ours, timeit(opt.step))
-            del ps, opt
+            seconds.append(timeit(cls(ps, lr=2e-5).step))
+            del ps
+        report(f"CAME step, {sum(p.numel() for p in params) / 1e6:.0f}M params", *seconds)
+        del params
         kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
         ref = PixArtTransformer2DModel(**kwargs).to(device)
         ours = sigma.load_checkpoint(ref.state_dict(), config).to(device).train()
@@ -365,7 +368,7 @@ def bench_train():
             o_ours, o_ref = CAME(ours.parameters(), lr=2e-5), CAME(ref.parameters(), lr=2e-5)
             for ckpt in ([False, True] if cuda else [False]):
                 ours.gradient_checkpointing = ckpt
-                ref.gradient_checkpointing = ckpt  # diffusers' flag of the same name
+                ref.enable_gradient_checkpointing() if ckpt else ref.disable_gradient_checkpointing()
                 s_ours = timeit(lambda: step(ours, o_ours))
                 s_ref = timeit(lambda: step(lambda *a: ref_fn(*a), o_ref))
                 label = f"train step {px}² batch {N}{' bf16' if cuda else ''}{' +grad ckpt' if ckpt else ''}"
@@ -393,6 +396,52 @@ def bench_train():
 
 
 SECTIONS["train"] = bench_train
+
+def bench_vae():
+    """VAE decode, SDXL config, same random weights and latents: ours (load_vae: channels_last on CPU) vs
+    diffusers' AutoencoderKL. CPU: fp32 decode of a 32² latent (256 px), then peak memory of 1024²/2048² decodes
+    with and without tiling (fresh subprocesses). GPU: bf16 decodes at 1024² and 4096² (tiled), time and peak."""
+    import tempfile
+    from diffusers import AutoencoderKL
+    import vae as vaelib
+
+    c, cuda = vaelib.SDXL, torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    ref = AutoencoderKL(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        scaling_factor=c.scaling_factor, sample_size=1024).eval()  # tiles of 1024 px, as ours
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = vaelib.load_vae(tmp, dtype=dtype, device=device)
+    ref = ref.to(device, dtype)
+    for side, tiled in ([(1024, False), (4096, True)] if cuda else [(256, False)]):
+        z = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)
+        ref.enable_tiling() if tiled else ref.disable_tiling()
+        cpu = {}
+        for name, fn in [("ours", lambda: ours.decode(z, tiled=tiled)), ("ref", lambda: ref.decode(z / c.scaling_factor))]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.process_time()
+            cpu[name] = (timeit(fn, repeat=2), (time.process_time() - t0) / 3,
+                         torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+        report(f"VAE decode {side}² px{' tiled' if tiled else ''}, {str(dtype)[6:]}", cpu["ours"][0], cpu["ref"][0])
+        print(f"  {'peak GPU memory' if cuda else 'CPU seconds per decode'}: ours "
+              f"{cpu['ours'][2 if cuda else 1]:.2f}, reference {cpu['ref'][2 if cuda else 1]:.2f}", flush=True)
+    if cuda:
+        return
+    # 2048² untiled needs ~4x the 1024² peak (about 12 GiB in fp32): too much for a shared 24 GiB machine,
+    # and minutes of CPU; set VAE_BENCH_ALL=1 to run it anyway.
+    cases = [(1024, False), (1024, True), (2048, True)] + [(2048, False)] * (os.environ.get("VAE_BENCH_ALL") == "1")
+    for side, tiled in cases:
+        t0 = time.perf_counter()
+        gib = peak_rss_gib(f"import vae; m = vae.AutoencoderKL().eval().to(memory_format=torch.channels_last); "
+                           f"torch.set_grad_enabled(False); m.decode(torch.randn(1, 4, {side // 8}, {side // 8}), "
+                           f"tiled={tiled})")
+        print(f"VAE decode {side}² px {'tiled  ' if tiled else 'untiled'} fp32 CPU: peak RSS +{gib:.2f} GiB "
+              f"(weights 0.31 GiB), {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+SECTIONS["vae"] = bench_vae
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)
