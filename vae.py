@@ -1,28 +1,25 @@
 """AutoencoderKL: the frozen VAE whose latent space PixArt-Σ's DiT lives in (PixArt-Σ, arXiv 2403.04692).
 
-The LDM autoencoder (Rombach et al., arXiv 2112.10752; SDXL retrained its weights, arXiv 2307.01952).
-The encoder is conv_in, then one level per entry of block_out_channels (ResNet blocks of
-GroupNorm-SiLU-conv, a stride-2 conv between levels: 8x smaller per side with 4 levels), a mid block
-(resnet, single-head self-attention over all pixels, resnet) and GroupNorm-SiLU-conv out to 2x4
-channels: the mean and log-variance of a diagonal Gaussian q(z|x). `encode` returns its mean (the
-mode; deterministic), or with sample=True a draw mean + std·ε as diffusers' training scripts take
-(`latent_dist.sample()`). The decoder mirrors the encoder (one more resnet per level, nearest-x2
-upsampling then conv) and maps z back to an image in [-1, 1]; it is not clamped (the caller clamps).
+The LDM autoencoder (Rombach et al., arXiv 2112.10752; weights retrained for SDXL, arXiv 2307.01952). Encoder:
+conv_in, one level per block_out_channels entry (GroupNorm-SiLU-conv ResNet blocks, a stride-2 conv between
+levels: 8x smaller per side with 4 levels), a mid block (resnet, single-head self-attention over all pixels,
+resnet), then GroupNorm-SiLU-conv to 2x4 channels: mean and log-variance of a diagonal Gaussian q(z|x).
+`encode` returns its mean (the mode: deterministic) or, with sample=True, mean + std·ε as diffusers' training
+scripts do (latent_dist.sample()). The decoder mirrors it (one more resnet per level, nearest-x2 upsampling)
+and maps z to an image in about [-1, 1], unclamped (the caller clamps).
 
 Notable features:
-- scaling_factor: the DiT sees z·s with s ≈ 1/std of the latents, so they are ~unit variance like the
-  noise. SD 1.x's VAE: 0.18215; SDXL's VAE: 0.13025. Same architecture, different weights: PixArt-α
-  was trained on SD's VAE and PixArt-Σ's weak-to-strong training first swaps in SDXL's ("VAE
-  adaptation", ~2K steps of fine-tuning), so both are configs here (`SD`, `SDXL`).
-- fp16: SDXL's VAE has activations beyond fp16's 65504 and decodes to inf/NaN. load_vae(dtype=fp16)
-  loads float32 instead with a warning (force_upcast, diffusers' field); a model cast to fp16 by hand
-  refuses to run. bf16 has fp32's exponent range and is fine.
-- Tiling (diffusers' scheme): overlapping tiles of 128 latents (1024 px) every 96 latents, each tile
-  blended into its upper and left neighbours by a linear ramp over 32 latents (256 px), so memory is
-  bounded by one tile. Tiles have their own GroupNorm statistics (faint tile-sized colour drift), so
-  tiling is automatic only above 2048² pixels; force it either way with tiled=True/False.
-- Attention: F.scaled_dot_product_attention with one head of width 512. Its fused kernels (flash on
-  CPU, memory-efficient on CUDA) never form the (hw x hw) score matrix (68 GB at 4096² untiled).
+- scaling_factor s ≈ 1/std of the latents, so the DiT sees ~unit-variance z·s like its noise: 0.18215 for
+  SD 1.x's VAE, 0.13025 for SDXL's. Same architecture, other weights: PixArt-α was trained on SD's VAE and
+  PixArt-Σ's weak-to-strong training first swaps in SDXL's ("VAE adaptation", ~2K steps), hence `SD`, `SDXL`.
+- fp16: SDXL's VAE has activations beyond fp16's 65504 and decodes to inf/NaN, so load_vae(dtype=fp16)
+  loads fp32 with a warning (diffusers' force_upcast) and a model cast to fp16 by hand refuses to run.
+  bf16 has fp32's exponent range and is fine.
+- Tiling, diffusers' scheme: tiles of 128 latents (1024 px) every 96, each blended into its upper and left
+  neighbours by a linear ramp over 32 latents (256 px): memory is bounded by one tile. Tiles see their own
+  GroupNorm statistics (faint tile-sized colour drift), so tiled=None tiles only above 2048² pixels.
+- Attention: F.scaled_dot_product_attention, one head of width 512. Its fused kernels (flash on CPU,
+  memory-efficient on CUDA) never form the (hw x hw) scores (275 GB in fp32 at 4096² untiled).
 Letters: N batch, C channels, H, W image pixels, h, w latent pixels (H = 8h with 4 levels).
 
     vae = load_vae("pixart_sigma_sdxlvae_T5_diffusers/vae")   # or sdxl_vae.safetensors
@@ -102,32 +99,25 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class Resample(nn.Module):
-    def __init__(self, C, down):
-        super().__init__()
-        self.down = down
-        self.conv = nn.Conv2d(C, C, 3, stride=2 if down else 1, padding=0 if down else 1)
-
-    def forward(self, x):
-        if self.down:  # pad right/bottom only, then a stride-2 conv: (H, W) -> (H/2, W/2) as in LDM
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (H, W) -> (2H, 2W)
-
-
 class Level(nn.Module):
     """One resolution level: resnets, then optionally 2x down- or upsampling (keys down_blocks.b / up_blocks.b)."""
 
     def __init__(self, c_in, c_out, n, groups, resample=None):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)])
-        if resample:
-            setattr(self, resample + "samplers", nn.ModuleList([Resample(c_out, resample == "down")]))
         self.resample = resample
+        if resample:  # keys downsamplers.0.conv / upsamplers.0.conv
+            conv = nn.Conv2d(c_out, c_out, 3, stride=2 if resample == "down" else 1, padding=int(resample == "up"))
+            setattr(self, resample + "samplers", nn.ModuleList([nn.ModuleDict({"conv": conv})]))
 
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        return getattr(self, self.resample + "samplers")[0](x) if self.resample else x
+        if self.resample == "down":  # pad right/bottom only, then stride 2: (H, W) -> (H/2, W/2) as in LDM
+            return self.downsamplers[0]["conv"](F.pad(x, (0, 1, 0, 1)))
+        if self.resample == "up":  # nearest x2, then conv: (H, W) -> (2H, 2W)
+            return self.upsamplers[0]["conv"](F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return x
 
 
 class Encoder(nn.Module):
@@ -245,7 +235,7 @@ class AutoencoderKL(nn.Module):
 
 
 def convert_old_attention(sd):
-    """diffusers files from before v0.14 named the attention query/key/value/proj_attn."""
+    """Older diffusers files name the attention projections query/key/value/proj_attn."""
     names = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
     return {re.sub(r"\.(query|key|value|proj_attn)\.", lambda m: names[m.group(0)], k): v for k, v in sd.items()}
 
