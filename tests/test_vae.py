@@ -149,7 +149,7 @@ def test_attention_never_builds_the_pixel_by_pixel_matrix():
     assert not ops & {"aten::softmax", "aten::_softmax", "aten::bmm", "aten::baddbmm"}, ops
 
 
-def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand(tmp_path):
+def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand_bf16_runs(tmp_path):
     ref = reference(**SMALL)  # diffusers' default force_upcast=True, as in SDXL's config.json
     with pytest.warns(UserWarning, match="float16"):
         model = ours(ref, tmp_path, dtype=torch.float16)
@@ -161,6 +161,9 @@ def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand(tmp_path):
         assert rel(out.float(), ref.decode(latents.half().float() / 0.5).sample) <= 1e-3
         with pytest.raises(ValueError, match="float16"):
             model.half().decode(latents.half())
+        bf16 = vae.load_vae(str(tmp_path / "vae"), dtype=torch.bfloat16)  # no warning: bf16 does not overflow
+        assert bf16.quant_conv.weight.dtype == torch.bfloat16
+        assert rel(bf16.decode(latents), ref.decode(latents / 0.5).sample) <= 0.05
     assert vae.SD.force_upcast is False and vae.SD.scaling_factor == 0.18215 and vae.SDXL.scaling_factor == 0.13025
 
 
