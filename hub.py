@@ -11,6 +11,10 @@ official repository, so weights already there are found and nothing is downloade
     T5, tokenizer PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers  text_encoder/, tokenizer/
     VAE (SDXL)    same repo, vae/  (found in the model's own repo first, where a diffusers
                   pipeline download put them)
+
+Loading (`load_model`, `load`) turns a damaged or incomplete file into one ValueError naming the file,
+and adds KV compression to a plain checkpoint on request (paper §3.2: parameter-free modes, or the
+learned conv starting as 2×2 averaging).
 """
 import dataclasses
 import json
@@ -120,8 +124,8 @@ def load(what, path, fn, *args, **kwargs):
         raise
     except Exception as e:  # truncated download, not a checkpoint, bad JSON: no torch traceback for the user
         raise ValueError(f"cannot load the {what} from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                         " -- the file looks damaged or incomplete; delete it and download it again (for the Hugging "
-                         "Face cache: `hf cache delete`), or pass a good local copy") from e
+                         " -- the file looks damaged or incomplete; delete it and download it again (in the Hugging Face "
+                         "cache: `hf cache verify REPO`, `hf cache rm model/REPO`), or pass a good local copy") from e
 
 
 def load_model(path, name=None, kv_compress=None):

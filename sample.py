@@ -113,7 +113,7 @@ def build_parser():
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
     p.add_argument("--negative", default="", help="negative prompt; empty = the null caption T5(\"\")")
-    p.add_argument("--size", default="1024", help="1024, 2048, 4096 (square) or WxH such as 1344x768")
+    p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
@@ -152,15 +152,15 @@ def run(args):
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give one (quoted) or --prompts-file")
-    height, width = sizes.parse_size(args.size)
+    height, width = sizes.parse_size(args.size) if args.size else (None, None)
     if not 1 <= args.steps <= diffusion.NUM_TIMESTEPS or args.cfg < 0 or args.n < 1:
         raise ValueError(f"need 1 <= --steps <= {diffusion.NUM_TIMESTEPS}, --cfg >= 0 and --n >= 1; got --steps "
                          f"{args.steps}, --cfg {args.cfg}, --n {args.n}")
     if args.kv_compress:
         hub.parse_kv_compress(args.kv_compress, 28)
     model_arg = args.model
-    if model_arg == "auto":
-        model_arg = "2K" if height * width > 1536 * 1536 else "1024"
+    if model_arg == "auto":  # the native model for the size: 1024-MS up to ~1.5K, 2K-MS above
+        model_arg = "2K" if args.size and height * width > 1536 * 1536 else "1024"
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
@@ -172,8 +172,9 @@ def run(args):
     files = hub.resolve_components(components, repo)
     model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
     tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
-    gen_h, gen_w = sizes.generation_size(height, width, model.config, not args.no_binning)
     trained = 8 * model.config.sample_size
+    height, width = (height, width) if args.size else (trained, trained)
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, not args.no_binning)
     if gen_h * gen_w > 1.1 * trained**2:
         print(f"sample.py: {gen_w}x{gen_h} is above the {name or path} model's training size {trained}²: the DiT runs "
               "there through position-embedding interpolation (no released checkpoint was trained at this size)"

@@ -316,8 +316,9 @@ def test_corrupt_checkpoints(components, tmp_path, capsys):
 def test_long_prompt_warns_and_truncates(components, tmp_path, capsys):
     prompt = " ".join(WORDS * 8)  # ~ 600 tokens
     with pytest.warns(UserWarning, match="tokens"):
-        rc, _, _ = cli(capsys, prompt, "--model", components, "--size", 256, "--steps", 1, "--seed", 0, "--out", tmp_path)
+        rc, _, _ = cli(capsys, prompt, "--model", components, "--steps", 1, "--seed", 0, "--out", tmp_path)
     assert rc == 0 and os.listdir(tmp_path) == ["00000-0.png"]
+    assert Image.open(tmp_path / "00000-0.png").size == (256, 256)  # no --size: the model's training size
 
 
 def test_help_lists_defaults_and_examples(capsys):
