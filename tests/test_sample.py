@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -139,10 +140,10 @@ def test_resize_and_crop_matches_diffusers():
 
 # ------------------------------------------------------------------------------------------ parity, e2e
 
-@pytest.mark.parametrize("size,binning", [((240, 200), True), ((192, 320), False)])
-def test_images_match_diffusers_pipeline(components, size, binning):
+@pytest.mark.parametrize("size,binning,negative", [((240, 200), True, ""), ((192, 320), False, "old blurry photo")])
+def test_images_match_diffusers_pipeline(components, size, binning, negative):
     """Same files, prompt, seed and steps through diffusers' PixArtSigmaPipeline: images within 1/255."""
-    prompt, negative = "A Small cactus with a happy face in the Sahara desert ", ""
+    prompt = "A Small cactus with a happy face in the Sahara desert "
     ids, mask = t5lib.Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
     ref_tok = reference_tokenizer(components)(prompt.lower().strip(), padding="max_length", max_length=300)
     assert ids[0].tolist() == ref_tok.input_ids  # the two tokenizers agree: differences below are downstream
@@ -151,11 +152,35 @@ def test_images_match_diffusers_pipeline(components, size, binning):
     expected = pipe(prompt, negative_prompt=negative, num_inference_steps=5, guidance_scale=4.5, height=size[0],
                     width=size[1], generator=torch.Generator("cpu").manual_seed(3), use_resolution_binning=binning,
                     clean_caption=False).images[0]
-    got = ours(components, prompt, size, seed=3, binning=binning)
+    got = ours(components, prompt, size, seed=3, binning=binning, negative=negative)
     a, b = np.asarray(expected, dtype=np.int16), np.asarray(got, dtype=np.int16)
     assert a.shape == b.shape == (size[0], size[1], 3)
     assert a.std() > 10  # a real picture, not a flat colour
     assert np.abs(a - b).max() <= 1
+
+
+def test_t5_is_freed_before_the_dit_is_loaded(components):
+    """Loader functions run in the order T5, DiT, VAE, and the T5 generate() loaded is gone before the DiT comes."""
+    events, t5_ref = [], []
+
+    def load_t5():
+        events.append("t5")
+        model = t5lib.load_t5(f"{components}/text_encoder", dtype=torch.float32)
+        t5_ref.append(weakref.ref(model))
+        return model
+
+    def load_dit():
+        events.append(("dit", t5_ref[0]() is None))
+        return sigma.load_checkpoint(f"{components}/transformer")
+
+    def load_vae():
+        events.append("vae")
+        return vaelib.load_vae(f"{components}/vae")
+
+    images = sample.generate(["a cat", "a dog"], load_dit, load_t5, t5lib.Tokenizer(f"{components}/tokenizer"), load_vae,
+                             size=(128, 128), steps=1, n=2, progress=False)
+    assert events == ["t5", ("dit", True), "vae"]
+    assert [im.size for im in images] == [(128, 128)] * 4
 
 
 # ------------------------------------------------------------------------------------------------- CLI
