@@ -107,12 +107,19 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text (except unset ones, whose help says what happens), examples verbatim."""
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == ""
+        return action.help if unset else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-                                formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110))
+                                formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
-    p.add_argument("--negative", default="", help="negative prompt; empty = the null caption T5(\"\")")
+    p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
     p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
@@ -123,8 +130,8 @@ def build_parser():
                    "2K above) or a local official .pth, diffusers folder or sigma.save_checkpoint .safetensors")
     p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
                    "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
-    p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2): conv, uniform or "
-                   "avgpool, in the given layers (default: the deep half, 14-27); faster at 2K-4K")
+    p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
+                   "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="DiT and VAE precision (auto: bfloat16 on GPU, float32 on CPU); T5 runs in bfloat16 unless float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
