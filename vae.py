@@ -19,7 +19,7 @@ Notable features:
   neighbours by a linear ramp over 32 latents (256 px): memory is bounded by one tile. Tiles see their own
   GroupNorm statistics (faint tile-sized colour drift), so tiled=None tiles only above 2048² pixels.
 - Attention: F.scaled_dot_product_attention, one head of width 512. Its fused kernels (flash on CPU,
-  memory-efficient on CUDA) never form the (hw x hw) scores (275 GB in fp32 at 4096² untiled).
+  memory-efficient on CUDA) never form the (hw x hw) scores: 275 GB in fp32 at 4096² untiled.
 Letters: N batch, C channels, H, W image pixels, h, w latent pixels (H = 8h with 4 levels).
 
     vae = load_vae("pixart_sigma_sdxlvae_T5_diffusers/vae")   # or sdxl_vae.safetensors
