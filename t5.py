@@ -1,29 +1,25 @@
 """The frozen text encoder of PixArt-Σ (arXiv 2403.04692): the T5 v1.1 XXL encoder and its tokenizer.
 
-PixArt-Σ conditions on the last hidden state of T5-XXL's encoder (Raffel et al., arXiv 1910.10683;
-"v1.1" checkpoints), 300 tokens per prompt (PixArt-α used 120). What the v1.1 encoder does differently
-from a textbook transformer encoder:
-  - no absolute positions: a learned scalar per (head, relative-position bucket) is added to every
-    attention score; the table lives in block 0 only and all 24 blocks reuse the same bias;
-  - buckets are exact for |k−q| < 8 and logarithmic up to 128 (one bucket set per direction);
-  - attention scores are NOT scaled by 1/√d (the scale is folded into the init of q);
-  - RMSNorm (no mean subtraction, no bias, variance accumulated in fp32) before each sub-layer, pre-norm;
-  - gated-GELU feed-forward wo(gelu_tanh(wi_0 x) · wi_1 x) instead of ReLU (v1.1; original T5: relu(wi x));
-  - no bias in any Linear; embeddings not tied to an LM head (we keep only the encoder);
-  - a final RMSNorm after the last block.
+PixArt-Σ conditions on the last hidden state of T5-XXL's encoder (Raffel et al., arXiv 1910.10683, the
+"v1.1" checkpoints), 300 tokens per prompt (PixArt-α: 120). How the v1.1 encoder differs from a textbook one:
+  - no absolute positions: a learned scalar per (head, relative-position bucket) is added to the attention
+    scores; the table lives in block 0 and all 24 blocks reuse its bias. Buckets are exact for |k−q| < 8,
+    log-spaced up to 128, one set per direction;
+  - attention scores are NOT scaled by 1/√d_kv (T5 folds the scale into the init of q);
+  - pre-norm RMSNorm (no mean, no bias, mean square in fp32) and a final RMSNorm; no bias in any Linear;
+  - gated-GELU feed-forward wo(gelu_tanh(wi_0 x) · wi_1 x) (original T5: wo(relu(wi x))).
 Letters: N batch, L text tokens (300), D d_model (4096), H heads (64), F d_ff (10240).
-
-Modules are named after the released checkpoint keys (shared, encoder.block.i.layer.0.SelfAttention.q, ...),
-so loading the released text_encoder/ folder is the identity.
+Modules are named after the checkpoint keys (shared, encoder.block.i.layer.0.SelfAttention.q, ...), so
+loading the released text_encoder/ folder is the identity.
 
     tokenizer = Tokenizer("pixart_sigma_sdxlvae_T5_diffusers/tokenizer/spiece.model")
     model = load_t5("pixart_sigma_sdxlvae_T5_diffusers/text_encoder", dtype=torch.bfloat16, device="cuda")
     y, mask = encode(model, tokenizer, ["a cat on a mat", ""])  # (2, 300, 4096), (2, 300); "" = null caption
 
-CPU dtype: bf16 is the default everywhere. Measured on this project's 2-core AMD EPYC (AVX512-BF16),
-torch 2.13, 4-layer d_model 4096 encoder, 4 prompts × 300 tokens: bf16 0.63 s vs fp32 1.25 s (2.0× faster),
-and it halves memory (T5-XXL: 9.5 GB vs 19 GB). On CPUs without native bf16 matmuls fp32 may be faster:
-pass dtype=torch.float32 to load_t5 there.
+CPU dtype: bf16 is the default on CPU too. Measured (tests/benchmark.py t5) on the project's 2-core AMD EPYC
+with AVX512-BF16, torch 2.13, 2 of T5-XXL's layers, 2 prompts × 300 tokens: fp32 10.2–11.9 s, bf16
+4.2–5.5 s (≈2.2× faster), and bf16 halves the memory (T5-XXL 9.5 GB vs 19 GB). On a CPU without native
+bf16 matmuls fp32 may be faster: pass dtype=torch.float32 there.
 """
 import json
 import math
@@ -63,9 +59,7 @@ def relative_position_bucket(rel, num_buckets=32, max_distance=128):
     return bucket + torch.where(rel < exact, rel, log.clamp(max=half - 1))  # everything ≥ 128 shares the last
 
 
-class T5LayerNorm(nn.Module):
-    """RMSNorm: x / rms(x) · weight, no mean, no bias; the mean square is taken in fp32 even for bf16 x."""
-
+class T5LayerNorm(nn.Module):  # RMSNorm: no mean, no bias; mean square in fp32 even for bf16 x
     def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -89,7 +83,8 @@ class T5Attention(nn.Module):
 
     def forward(self, x, bias):  # x (N, L, D), bias (N, H, L, L) = position bias + padding mask
         N, L, _ = x.shape
-        q, k, v = (f(x).view(N, L, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))  # (N, H, L, d_kv)
+        q, k, v = (f(x).view(N, L, self.num_heads, -1).transpose(1, 2)  # (N, H, L, d_kv)
+                   for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # T5: no 1/√d_kv
         return self.o(y.transpose(1, 2).reshape(N, L, -1))  # (N, L, D)
 
@@ -146,13 +141,11 @@ class T5Encoder(nn.Module):
 
 
 class Tokenizer:
-    """T5's sentencepiece tokenizer, giving exactly the ids and mask of transformers' T5Tokenizer(...,
-    padding="max_length", max_length=300, truncation=True): eos (</s>) appended, no bos, padded with
-    <pad>, truncated to max_length − 1 tokens + eos; mask = 1 on real tokens and the eos.
-    Two details copied from transformers so the ids agree on every input: the literal strings </s>, <pad>,
-    <unk> and <extra_id_0..99> in a prompt become those special ids (the text around them is tokenized
-    separately), and the Unicode white space that sentencepiece's NFKC rules leave alone (U+0085, U+1680,
-    U+2028, U+2029) still separates words, as transformers' whitespace pre-tokenizer splits there."""
+    """T5's sentencepiece tokenizer with the ids and mask of transformers' T5Tokenizer(padding="max_length",
+    max_length=300, truncation=True): eos </s> (1) appended, no bos, padded with <pad> (0), cut to 299 tokens
+    + eos; mask 1 on real tokens and the eos. Like transformers, the strings </s>, <pad>, <unk>, <extra_id_N>
+    in a prompt become those ids, and U+0085/1680/2028/2029 (white space that sentencepiece's NFKC leaves
+    alone, but transformers' pre-tokenizer splits on) separate words."""
 
     SPECIAL = re.compile(r"(</s>|<pad>|<unk>|<extra_id_[1-9]?\d>)")
     SPACES = re.compile("[\x85\u1680\u2028\u2029]")
@@ -197,9 +190,7 @@ class Tokenizer:
 @torch.inference_mode()
 def encode(model, tokenizer, prompts):
     """Prompts -> (features (N, L, D) in the model's dtype, mask (N, L)) on the model's device."""
-    ids, mask = tokenizer(prompts)
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(next(model.parameters()).device) for t in tokenizer(prompts))
     return model(ids, mask), mask
 
 
@@ -258,11 +249,14 @@ def load_t5(path, dtype=torch.bfloat16, device="cpu"):
     is then read from its shard with plain file reads (not mmap, as safetensors' safe_open does: touched
     mapped pages count as the process's memory, up to the whole 18 GB) and converted as it is copied in.
     Peak host memory is the model plus one fp32 tensor (the 0.5 GB embedding): ~10 GB for T5-XXL in bf16."""
+    if dtype == torch.float16:  # transformers keeps wo in fp32 and clamps; bf16 has fp32's range instead
+        raise ValueError("T5 v1.1 activations overflow float16 (> 65504); load it in torch.bfloat16 or torch.float32")
     folder, tensors = find_tensors(path)
     config = read_config(folder)
     with torch.device("meta"):
         model = T5Encoder(config).to(dtype)
     model = model.to_empty(device=device).eval().requires_grad_(False)
+    tensors = {k: t for k, t in tensors.items() if not k.startswith(("decoder.", "lm_head."))}  # full T5 files
     tied = tensors.pop("encoder.embed_tokens.weight", None)  # transformers' alias of shared.weight
     if tied is not None and "shared.weight" not in tensors:
         tensors["shared.weight"] = tied  # else it is the same tensor stored twice

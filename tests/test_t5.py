@@ -261,7 +261,8 @@ def test_load_sharded_folder_into_bf16(released, tied_copy):
 def test_load_single_file(released):
     ref, sd, tmp = released
     sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
-    save_file(sd, str(tmp / "t5.safetensors"))
+    decoder = {"decoder.final_layer_norm.weight": torch.ones(32), "lm_head.weight": torch.zeros(128, 32)}
+    save_file(sd | decoder, str(tmp / "t5.safetensors"))  # a whole T5 file: the decoder is ignored
     ref.config.to_json_file(str(tmp / "config.json"))
     model = t5.load_t5(str(tmp / "t5.safetensors"), dtype=torch.float32)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
@@ -288,5 +289,7 @@ def test_load_reports_missing_unexpected_and_misshaped_keys(released):
     folder = write_text_encoder(str(tmp / "b"), sd, config)
     with pytest.raises(ValueError, match=r"DenseReluDense.wi_0.weight: F32 \(48, 32\) in the file, model expects \(64, 32\)"):
         t5.load_t5(folder)
+    with pytest.raises(ValueError, match="overflow float16"):
+        t5.load_t5(folder, dtype=torch.float16)
     with pytest.raises(FileNotFoundError, match="expected a .safetensors file or a folder"):
         t5.load_t5(str(tmp / "nowhere"))
