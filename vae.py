@@ -198,13 +198,13 @@ class AutoencoderKL(nn.Module):
         return self.config.scaling_factor
 
     def _check(self, x, channels, what):
-        dtype = self.quant_conv.weight.dtype
+        w = self.quant_conv.weight
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
-        if dtype == torch.float16 and self.config.force_upcast:
+        if w.dtype == torch.float16 and self.config.force_upcast:
             raise ValueError("this VAE (force_upcast, e.g. SDXL's) overflows in float16: use vae.float() or "
                              "vae.to(torch.bfloat16); load_vae(..., dtype=torch.float16) upcasts to float32")
-        return x.to(dtype)
+        return x.to(w.device, w.dtype)  # results come back in the input's dtype, on the model's device
 
     def _run(self, fn, x, tiled, pixels, tile_in, tile_out):
         if pixels > self.config.tile_above if tiled is None else tiled:
