@@ -10,12 +10,10 @@
   The order is a pure function of (seed, epoch): resuming at step s just skips s batches, nothing repeats.
 - Feature cache: one pass stores VAE latents and T5 features of the valid caption tokens as safetensors
   shards (the official maintainers' advice: training then needs neither T5 nor the VAE in memory).
-- Synthetic shapes ("a red circle on a blue background") for the no-download CPU quick start.
 """
 import hashlib
 import json
 import os
-import random
 from collections import defaultdict
 
 import numpy as np
@@ -120,44 +118,6 @@ class ImageDataset(torch.utils.data.Dataset):
             print(f"skipping undecodable image {r['image']}: {type(e).__name__}: {e}")
             return None
         return dict(index=i, image=x, captions=r["captions"])
-
-
-class ShapesDataset(torch.utils.data.Dataset):
-    """Synthetic captioned shapes, item i drawn from seed i: "a red circle on a blue background"."""
-
-    COLORS = dict(red=(220, 30, 30), green=(30, 180, 40), blue=(30, 60, 220),
-                  yellow=(240, 220, 30), white=(245, 245, 245), black=(15, 15, 15))
-    SHAPES = ("circle", "square", "triangle")
-
-    def __init__(self, size=32, length=100_000):
-        self.size, self.length = size, length
-        self.buckets = ["1.0"] * length
-
-    def __len__(self):
-        return self.length
-
-    @classmethod
-    def captions(cls):
-        return [f"a {c} {s} on a {b} background" for s in cls.SHAPES for c in cls.COLORS for b in cls.COLORS if b != c]
-
-    def __getitem__(self, i):
-        rng = random.Random(i)
-        shape = rng.choice(self.SHAPES)
-        color, bg = rng.sample(list(self.COLORS), 2)
-        S = 2 * self.size  # draw at 2x, then average 2x2 pixels: smooth edges
-        r = S * rng.uniform(0.22, 0.34)
-        cy, cx = S / 2 + S * rng.uniform(-0.1, 0.1), S / 2 + S * rng.uniform(-0.1, 0.1)
-        y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-        if shape == "circle":
-            inside = (y - cy) ** 2 + (x - cx) ** 2 < r * r
-        elif shape == "square":
-            inside = ((y - cy).abs() < 0.85 * r) & ((x - cx).abs() < 0.85 * r)
-        else:  # upright triangle: apex at the top, base at the bottom
-            inside = (y > cy - r) & (y < cy + 0.8 * r) & ((x - cx).abs() < 0.6 * (y - cy + r))
-        fg, bgc = torch.tensor(self.COLORS[color]), torch.tensor(self.COLORS[bg])
-        img = torch.where(inside[None], fg[:, None, None], bgc[:, None, None]).float()  # (3, S, S)
-        img = torch.nn.functional.avg_pool2d(img[None], 2)[0]  # (3, size, size)
-        return dict(index=i, image=img / 127.5 - 1, captions=[f"a {color} {shape} on a {bg} background"])
 
 
 # ---------------------------------------------------------------------------------------------- sampler

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -38,21 +38,10 @@ from tqdm import tqdm
 
 import data
 import diffusion
+import quickstart
 import sigma
 import t5
 from came import CAME
-
-# The quick start: a DiT of ~2.5M parameters learns 32×32 coloured shapes in pixel space, conditioned on a
-# 2-layer T5 with frozen random weights (a random T5 still gives every word, in its place, a distinct vector).
-QUICKSTART = dict(image_size=32, no_buckets=True, vae_factor=1, batch_size=32, lr=1e-3, optimizer="adamw", warmup=100,
-                  clip=1.0, steps=3000, save_every=500, log_every=25, out="runs/quickstart", workers=0,
-                  caption_tokens=16, lr_scaling=False, preview_every=500,
-                  preview_prompts="a red circle on a blue background|a green square on a white background|"
-                                  "a yellow triangle on a black background|a blue circle on a yellow background")
-QUICK_DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, out_channels=6,
-                 caption_channels=64, caption_tokens=16, sample_size=32, pe_interpolation=1.0)
-QUICK_T5 = dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2)
-
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup_ddp(device):
@@ -84,7 +73,7 @@ def build_model(args, device):
     """--init: 'scratch', a released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
     latent = args.image_size // args.vae_factor
     if args.init == "scratch":
-        config, sd = sigma.SigmaConfig(**QUICK_DIT) if args.quickstart else sigma.CONFIGS[args.config], None
+        config, sd = sigma.SigmaConfig(**quickstart.DIT) if args.quickstart else sigma.CONFIGS[args.config], None
         config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation)
     else:
         path = args.init
@@ -113,28 +102,6 @@ def build_model(args, device):
     return model.to(device).train()
 
 
-def quickstart_components(folder, seed=0):
-    """A word-level sentencepiece model trained on the shape captions and a tiny random T5, saved in the
-    released layout (tokenizer/spiece.model, text_encoder/) so sample.py loads them like the real ones."""
-    import sentencepiece as spm
-    os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
-    spiece = os.path.join(folder, "tokenizer", "spiece.model")
-    if not os.path.exists(spiece):  # 'word' model: one id per word of a closed vocabulary, T5's special ids
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(data.ShapesDataset.captions()), model_prefix=spiece[:-6],
-                                       model_type="word", vocab_size=32, hard_vocab_limit=False, pad_id=0,
-                                       eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    weights = os.path.join(folder, "text_encoder", "model.safetensors")
-    if not os.path.exists(weights):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            cfg = t5.T5Config(vocab_size=t5.Tokenizer(spiece).sp.get_piece_size(), **QUICK_T5)
-            save_file(t5.T5Encoder(cfg).state_dict(), weights)
-        json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
-                  open(os.path.join(folder, "text_encoder", "config.json"), "w"))
-    return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=None)
-
-
 def load_encoders(args, caption_tokens, device):
     """-> encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), ids for the cache."""
     if args.quickstart:
@@ -147,14 +114,14 @@ def load_encoders(args, caption_tokens, device):
     text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
     tok = t5.Tokenizer(comps["tokenizer"], max_length=caption_tokens)
     vae_path = args.vae or comps["vae"]
-    if vae_path is None:  # pixel space: the "latent" is the image itself
-        encode_images = decode = lambda x: x.to(device)
+    if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
+        encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)
     else:
         import vae as vae_lib
         vae = vae_lib.load_vae(vae_path, dtype=dtype, device=device).eval()
         encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
         decode = lambda z: vae.decode(z.to(dtype)).float()
-    encode_captions = lambda prompts: tuple(v.float() for v in t5.encode(text, tok, prompts))
+    encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
     return encode_images, encode_captions, decode
 
 
@@ -215,7 +182,7 @@ def main(argv=None):
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
     if args.quickstart and master:
-        quickstart_components(args.out, args.seed)
+        quickstart.components(args.out, args.seed)
     if world > 1:
         dist.barrier()  # the others read what rank 0 wrote
     resume = latest_checkpoint(args.out) if args.resume else None
@@ -234,7 +201,7 @@ def main(argv=None):
     table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
     encoders, skipped = None, 0
     if args.quickstart:
-        dataset = data.ShapesDataset(args.image_size)
+        dataset = quickstart.ShapesDataset(args.image_size)
     else:
         records, skipped = data.scan(args.data, keys)
         dataset = data.ImageDataset(records, table)
@@ -358,7 +325,7 @@ def main(argv=None):
                                   epoch=epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
                 if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
                     preview(ema or model, y_prev, m_prev, y_null, m_null, decode, latent_hw,
-                            os.path.join(path, "preview.png"))
+                            os.path.join(path, "preview.png"), pixels=args.vae_factor == 1 and args.pixel_scale)
             if world > 1:
                 dist.barrier()
     bar.close()
@@ -367,8 +334,21 @@ def main(argv=None):
     return model
 
 
+def clip_x0(model_fn, bound=1.0):
+    """Pixel-space sampling clips x̂0 = (x − σ ε̂)/α to the image range [-1, 1] (IDDPM's clip_denoised): at
+    t = 999, 1/α = 158 turns any ε̂ error into a huge x̂0. Returns ε consistent with the clipped x̂0."""
+    ac = diffusion.alphas_cumprod()
+
+    def fn(x, t):
+        out = model_fn(x, t)
+        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
+        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
+        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
+    return fn
+
+
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, steps=20, cfg=4.5, seed=0):
+def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, steps=20, cfg=4.5, seed=0, pixels=False):
     """Grid PNG: one row per prompt, `per_prompt` seeds; DPM-Solver++(2M) with CFG as sample.py runs it."""
     model.eval()
     rows = []
@@ -377,6 +357,7 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, step
         x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
         fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                               y_null, m_null, cfg)
+        fn = clip_x0(fn, pixels) if pixels else fn
         rows.append(decode(diffusion.dpm_solver(fn, x, steps, progress=False)).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
@@ -427,10 +408,11 @@ def parse_args(argv=None):
     a("--preview-every", type=int, default=0, help="save a sample grid with every N-th checkpoint (0 = off)")
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
+    a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args, _ = p.parse_known_args(argv)
     if args.quickstart:  # quick-start defaults; flags given explicitly still win
-        p.set_defaults(**QUICKSTART)
+        p.set_defaults(**quickstart.DEFAULTS)
     else:
         p.set_defaults(vae_factor=8)
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""train.py, data.py, came.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
+"""train.py, data.py, came.py, quickstart.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
 import json
 import os
 import signal
@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 import data
 import diffusion
+import quickstart
 import sigma
 import train
 from came import CAME
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2)  # patched into train.QUICK_DIT for speed
+TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2)  # patched into quickstart.DIT for speed
 
 
 def run_args(out, *extra):
@@ -29,7 +30,7 @@ def run_args(out, *extra):
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setattr(train, "QUICK_DIT", {**train.QUICK_DIT, **TINY_DIT})
+    monkeypatch.setattr(quickstart, "DIT", {**quickstart.DIT, **TINY_DIT})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and immune to a busy machine
     yield
@@ -216,14 +217,14 @@ def test_kill_9_never_corrupts_latest(tmp_path):
     assert latest is not None
     model = sigma.load_checkpoint(os.path.join(latest, "model.safetensors"))
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
-    assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == train.QUICK_DIT["depth"]
+    assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
     worker = tmp_path / "worker.py"
     worker.write_text(
         f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\nfrom safetensors.torch import save_file\n"
-        f"train.QUICK_DIT.update({TINY_DIT!r})\n"
+        f"import quickstart\nquickstart.DIT.update({TINY_DIT!r})\n"
         f"model = train.main(sys.argv[1:])\n"
         f"save_file(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
         f"'rank%s.safetensors' % os.environ['RANK']))\n")
@@ -241,6 +242,41 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
     init = weights(train.main(run_args(tmp_path / "zero", "--steps", 0, "--batch-size", 4)))
     assert max_diff(single, init) > 1e-3  # it trained
     assert max_diff(r0, single) <= 1e-6
+
+
+def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
+    """The user path: images + captions -> (feature cache) -> training, with tiny random T5, VAE and DiT.
+    Cached features must train exactly as encoding on the fly; a second run reuses the cache."""
+    import dataclasses
+    from safetensors.torch import save_file
+    import vae
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (80, 72), (64, 70), (90, 88), (40, 80), (50, 96), (44, 90), (48, 100)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a red circle on a blue background", "a green square on a black background"][i % 2])
+    (images / "broken.png").write_bytes(b"not an image")
+    comps = tmp_path / "components"
+    quickstart.components(str(comps))  # tokenizer/ + tiny random text_encoder/ (64 wide)
+    cfg = vae.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    (comps / "vae").mkdir()
+    (comps / "vae" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    save_file(vae.AutoencoderKL(cfg).state_dict(), str(comps / "vae" / "diffusion_pytorch_model.safetensors"))
+    dit = sigma.SigmaConfig(depth=2, hidden_size=32, num_heads=2, caption_channels=64, caption_tokens=16,
+                            sample_size=32, pe_interpolation=0.5)
+    sigma.save_checkpoint(sigma.PixArtSigma(dit), str(tmp_path / "init.safetensors"))
+    common = ["--data", str(images), "--components", str(comps), "--init", str(tmp_path / "init.safetensors"),
+              "--image-size", "256", "--caption-tokens", "16", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
+              "--no-lr-scaling", "--warmup", "1", "--log-every", "1", "--workers", "0", "--caption-dropout", "0.3"]
+    fly = weights(train.main(common + ["--out", str(tmp_path / "fly")]))
+    cached = weights(train.main(common + ["--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]))
+    stamp = os.path.getmtime(tmp_path / "cache" / "index.json")
+    again = weights(train.main(common + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]))
+    assert os.path.getmtime(tmp_path / "cache" / "index.json") == stamp  # reused, not rebuilt
+    assert max_diff(fly, cached) < 1e-5 and max_diff(cached, again) == 0
+    log = [json.loads(line) for line in open(tmp_path / "cached" / "log.jsonl")]
+    assert log[-1]["skipped_images"] == 1 and max_diff(fly, weights(sigma.PixArtSigma(dit))) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- weak-to-strong stages
@@ -267,7 +303,7 @@ def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
     kv = train.build_model(args, torch.device("cpu"))
     assert kv.config.kv_compress_layers == (1,) and hasattr(kv.blocks[1].attn, "sr")
     scratch = sigma.PixArtSigma(trained.config)
-    ds = data.ShapesDataset(16)
+    ds = quickstart.ShapesDataset(16)
     items = [ds[10_000 + i] for i in range(64)]
     text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"))[1]
     y, mask = text([it["captions"][0] for it in items])
