@@ -258,6 +258,14 @@ def test_load_sharded_folder_into_bf16(released, tied_copy):
     assert (bf16 - want)[mask.bool()].norm() / want[mask.bool()].norm() < 3e-2
 
 
+def test_load_folder_saved_by_transformers(released):
+    ref, sd, tmp = released
+    ref.save_pretrained(str(tmp / "saved"), max_shard_size="40KB")  # its own index + shards + config.json
+    assert len([f for f in os.listdir(tmp / "saved") if f.endswith(".safetensors")]) >= 2
+    model = t5.load_t5(str(tmp / "saved"), dtype=torch.float32)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
 def test_load_single_file(released):
     ref, sd, tmp = released
     sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
