@@ -138,6 +138,7 @@ def build_parser():
     p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
     p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
     p.add_argument("--low-memory", action="store_true", help="run T5 on the CPU (slower) so that small GPUs suffice")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT: the first image is slower, later ones faster")
     return p
 
 
@@ -188,7 +189,7 @@ def run(args):
               + ("" if args.kv_compress else "; --kv-compress avgpool makes it faster"), file=sys.stderr)
     seed = random.randrange(2**31) if args.seed is None else args.seed
     images = generate(
-        prompts, lambda: model.to(device),
+        prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
         lambda: hub.load("text encoder", files["text_encoder"], t5lib.load_t5, t5_dtype, "cpu" if args.low_memory else device),
         tokenizer, lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
