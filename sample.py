@@ -170,6 +170,8 @@ def run(args):
     if model_arg == "auto":  # the native model for the size: 1024-MS up to ~1.5K, 2K-MS above
         model_arg = "2K" if args.size and height * width > 1536 * 1536 else "1024"
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch has no CUDA device; use --device cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
 

@@ -241,10 +241,12 @@ def test_official_pth_and_own_checkpoint_give_the_same_images(components, tmp_pa
 def test_above_training_size_with_kv_compression(components, tmp_path, capsys):
     """4096² from the 2K model in miniature: 512² from a model trained at 256² (16² tokens -> 32²), keys and
     values 2x2-pooled in the deep half (block 1 of 2)."""
-    rc, _, err = cli(capsys, "a lighthouse at dawn", "--model", components, "--size", 512, "--kv-compress", "avgpool",
-                     "--steps", 2, "--seed", 0, "--out", tmp_path)
+    (tmp_path / "prompts.txt").write_text("a lighthouse at dawn\n\n")
+    rc, _, err = cli(capsys, "--prompts-file", tmp_path / "prompts.txt", "--model", components, "--size", 512,
+                     "--kv-compress", "avgpool", "--steps", 2, "--seed", 0, "--out", tmp_path / "out")
     assert rc == 0 and "position-embedding interpolation" in err
-    assert Image.open(tmp_path / "00000-0.png").size == (512, 512)
+    image = Image.open(tmp_path / "out" / "00000-0.png")
+    assert image.size == (512, 512) and image.text["parameters"].startswith("a lighthouse at dawn\nNegative")
     model = hub.load_model(f"{components}/transformer", kv_compress="uniform:0-1")
     assert model.config.kv_compress_layers == (0, 1) and model.config.kv_compress_mode == "uniform"
 
@@ -309,6 +311,7 @@ def test_hub_prefers_what_is_already_cached(components, tmp_path, monkeypatch):
     (["--steps", "0"], "need 1 <= --steps <= 1000"),
     (["--cfg", "-1"], "--cfg >= 0"),
     (["--kv-compress", "maxpool"], "--kv-compress mode must be conv, uniform or avgpool"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "/nonexistent/prompts.txt"),
 ])
 def test_bad_arguments_fail_before_loading(args, message, tmp_path, capsys):
     corrupt = tmp_path / "bad.pth"  # would fail if anything were loaded: the argument check must come first
