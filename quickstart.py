@@ -8,8 +8,12 @@
   so t5.Tokenizer and sample.py load it like the real spiece.model; and a 2-layer T5 encoder with frozen
   random weights. A random T5 is enough: every word gets a distinct vector, mixed with its neighbours by the
   relative-position bias, so "red circle on blue" and "blue circle on red" differ.
-- Pixel space, no VAE: the DiT denoises 3-channel images directly (as DDPM/IDDPM did), so there is no
-  autoencoder to train first and nothing to download; sampling clips x̂0 to [-1, 1] (train.clip_x0).
+- Pixel space, no VAE: the DiT denoises 16×16 RGB images directly (as DDPM/IDDPM did on pixels), so there is
+  no autoencoder to train first and nothing to download. Two pixel-space details: the images are multiplied
+  by 4 (--pixel-scale, a VAE scaling factor in reverse) so that colours and layout are decided at less extreme
+  noise levels, where a tiny, briefly trained ε-predictor is accurate enough (x̂0 = (x − σ ε̂)/α multiplies ε̂'s
+  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (train.clip_x0). An EMA of the
+  weights (0.995) smooths the last steps' Adam noise out of the samples.
 """
 import json
 import os
@@ -23,13 +27,13 @@ from safetensors.torch import save_file
 import t5 as t5lib
 
 # train.py --quickstart flags (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
-DEFAULTS = dict(image_size=32, no_buckets=True, vae_factor=1, batch_size=32, lr=1e-3, optimizer="adamw", warmup=100,
-                clip=1.0, steps=3000, save_every=500, log_every=25, out="runs/quickstart", workers=0,
-                caption_tokens=16, lr_scaling=False, preview_every=500,
+DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
+                warmup=100, clip=1.0, ema=0.995, steps=3000, save_every=500, log_every=25, out="runs/quickstart",
+                workers=0, caption_tokens=16, lr_scaling=False, preview_every=500,
                 preview_prompts="a red circle on a blue background|a green square on a white background|"
                                 "a yellow triangle on a black background|a blue circle on a yellow background")
-DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, out_channels=6,
-           caption_channels=64, caption_tokens=16, sample_size=32, pe_interpolation=1.0)
+DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=2, in_channels=3, out_channels=6,
+           caption_channels=64, caption_tokens=16, sample_size=16, pe_interpolation=1.0)
 T5 = dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2)
 
 
@@ -40,7 +44,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                   yellow=(240, 220, 30), white=(245, 245, 245), black=(15, 15, 15))
     SHAPES = ("circle", "square", "triangle")
 
-    def __init__(self, size=32, length=100_000):
+    def __init__(self, size=16, length=100_000):
         self.size, self.length = size, length
         self.buckets = ["1.0"] * length
 

@@ -18,7 +18,7 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
                   (the components' SDXL VAE, 0.13025, encodes the images; same DiT)
     2. higher res: --init runs/stage1/step_0002000/model.safetensors --image-size 1024 --steps 1000
                   (sample_size 128 and pe_interpolation 2 follow from the size; the 1024 bucket table)
-    3. KV compression: --init runs/stage2/step_0001000/model.safetensors --kv-compress-layers deep --warmup 500 --steps 100
+    3. KV compression: --init runs/stage2/step_0001000/model.safetensors --kv-compress-layers deep --warmup 500 --steps 500
 """
 import argparse
 import contextlib
@@ -103,7 +103,7 @@ def build_model(args, device):
 
 
 def load_encoders(args, caption_tokens, device):
-    """-> encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), ids for the cache."""
+    """-> encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     if args.quickstart:
         comps = dict(text_encoder=os.path.join(args.out, "text_encoder"), vae=None,
                      tokenizer=os.path.join(args.out, "tokenizer", "spiece.model"))

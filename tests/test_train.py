@@ -171,10 +171,12 @@ def test_quickstart_loss_goes_down(tmp_path, tiny):
 
 
 def test_resume_continues_exactly(tmp_path, tiny):
-    straight = weights(train.main(run_args(tmp_path / "a", "--steps", 5)))
-    train.main(run_args(tmp_path / "b", "--steps", 3))
-    resumed = weights(train.main(run_args(tmp_path / "b", "--steps", 5, "--resume")))
+    straight = weights(train.main(run_args(tmp_path / "a", "--steps", 5, "--ema", 0.9)))
+    train.main(run_args(tmp_path / "b", "--steps", 3, "--ema", 0.9))
+    resumed = weights(train.main(run_args(tmp_path / "b", "--steps", 5, "--ema", 0.9, "--resume")))
     assert max_diff(straight, resumed) == 0.0
+    ema_a, ema_b = (load_file(str(tmp_path / r / "step_0000005" / "ema.safetensors")) for r in "ab")
+    assert max_diff(ema_a, ema_b) == 0.0 and max_diff(ema_a, straight) > 1e-4  # EMA state resumed too
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["loss"] for r in log] == [r["loss"] for r in ref]  # the same loss curve, step for step
@@ -307,7 +309,7 @@ def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
     items = [ds[10_000 + i] for i in range(64)]
     text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"))[1]
     y, mask = text([it["captions"][0] for it in items])
-    x0 = torch.stack([it["image"] for it in items])
+    x0 = torch.stack([it["image"] for it in items]) * args.pixel_scale  # what the quick start trains on
     g = torch.Generator().manual_seed(0)
     t, noise = torch.randint(0, 1000, (64,), generator=g), torch.randn(x0.shape, generator=g)
     with torch.no_grad():
