@@ -430,7 +430,7 @@ def bench_vae():
               f"{cpu['ours'][2 if cuda else 1]:.2f}, reference {cpu['ref'][2 if cuda else 1]:.2f}", flush=True)
     if cuda:
         return
-    # 2048² untiled: ~4x the activations of 1024² (~7 GiB in fp32) and half an hour on 2 shared cores;
+    # 2048² untiled: ~4x the activations of 1024² (~12 GiB in fp32) and half an hour on 2 shared cores;
     # set VAE_BENCH_ALL=1 to run it anyway.
     cases = [(1024, False), (1024, True), (2048, True)] + [(2048, False)] * (os.environ.get("VAE_BENCH_ALL") == "1")
     for side, tiled in cases:
