@@ -29,7 +29,7 @@ import t5 as t5lib
 # train.py --quickstart flags (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
 DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
                 warmup=100, clip=1.0, ema=0.995, steps=3000, save_every=500, log_every=25, out="runs/quickstart",
-                workers=0, caption_tokens=16, lr_scaling=False, preview_every=500,
+                workers=0, caption_tokens=16, lr_scaling=False, preview_every=500, preview_sampler="ancestral",
                 preview_prompts="a red circle on a blue background|a green square on a white background|"
                                 "a yellow triangle on a black background|a blue circle on a yellow background")
 DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=2, in_channels=3, out_channels=6,

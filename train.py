@@ -325,7 +325,8 @@ def main(argv=None):
                                   epoch=epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
                 if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
                     preview(ema or model, y_prev, m_prev, y_null, m_null, decode, latent_hw,
-                            os.path.join(path, "preview.png"), pixels=args.vae_factor == 1 and args.pixel_scale)
+                            os.path.join(path, "preview.png"), args.preview_sampler,
+                            pixels=args.vae_factor == 1 and args.pixel_scale)
             if world > 1:
                 dist.barrier()
     bar.close()
@@ -348,8 +349,9 @@ def clip_x0(model_fn, bound=1.0):
 
 
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, steps=20, cfg=4.5, seed=0, pixels=False):
-    """Grid PNG: one row per prompt, `per_prompt` seeds; DPM-Solver++(2M) with CFG as sample.py runs it."""
+def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
+    """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
+    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes)."""
     model.eval()
     rows = []
     for p in range(len(y)):
@@ -358,7 +360,8 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, per_prompt=4, step
         fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                               y_null, m_null, cfg)
         fn = clip_x0(fn, pixels) if pixels else fn
-        rows.append(decode(diffusion.dpm_solver(fn, x, steps, progress=False)).clamp(-1, 1).cpu())  # (n, 3, H, W)
+        x = diffusion.dpm_solver(fn, x, 20, False) if sampler == "dpm" else diffusion.ancestral(fn, x, 100, g, False)
+        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
     scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
@@ -409,6 +412,7 @@ def parse_args(argv=None):
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
     a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
+    a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args, _ = p.parse_known_args(argv)
     if args.quickstart:  # quick-start defaults; flags given explicitly still win

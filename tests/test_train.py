@@ -162,8 +162,9 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the loop
 def test_quickstart_loss_goes_down(tmp_path, tiny):
-    train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1))
+    train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1, "--preview-every", 60))
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert Image.open(tmp_path / "step_0000060" / "preview.png").size == (4 * 128, 4 * 128)  # 4 prompts × 4 seeds
     first, last = np.mean([r["loss"] for r in log[:10]]), np.mean([r["loss"] for r in log[-10:]])
     assert len(log) == 60 and last < 0.75 * first, (first, last)
     model = sigma.load_checkpoint(str(tmp_path / "step_0000060" / "model.safetensors"))  # sample.py-loadable
