@@ -123,6 +123,15 @@ def hf_t5(model):
     return ref
 
 
+def alternate(*fns, rounds=4):
+    """Best seconds of each fn, called in turn round after round: on a shared, loaded machine this is
+    fairer than timing one implementation after the other."""
+    best = [timeit(fn, warmup=1, repeat=1) for fn in fns]
+    for _ in range(rounds - 1):
+        best = [min(b, timeit(fn, warmup=0, repeat=1)) for b, fn in zip(best, fns)]
+    return best
+
+
 def padded_ids(config, N=4, L=300, device="cpu"):
     ids = torch.randint(3, config.vocab_size, (N, L), device=device)
     mask = (torch.arange(L, device=device)[None] < torch.linspace(L, 20, N, device=device)[:, None]).long()
@@ -165,8 +174,8 @@ def bench_t5():
         ref = hf_t5(model)
         for N in (2, 32):
             ids, mask = padded_ids(model.config, N, device="cuda")
-            report(f"T5-XXL encode, {N} prompts x 300 tokens, bf16, GPU", timeit(lambda: model(ids, mask)),
-                   timeit(lambda: ref(input_ids=ids, attention_mask=mask)))
+            report(f"T5-XXL encode, {N} prompts x 300 tokens, bf16, GPU",
+                   *alternate(lambda: model(ids, mask), lambda: ref(input_ids=ids, attention_mask=mask)))
         del model, ref
         torch.cuda.empty_cache()
 
@@ -176,20 +185,19 @@ def bench_t5():
     for dtype in (torch.float32, torch.bfloat16):
         model = random_t5(config, dtype)
         ref = hf_t5(model)
-        t_ref = timeit(lambda: ref(input_ids=ids, attention_mask=mask))
-        report(f"T5 large width x8 layers, 4x300 tokens, {str(dtype)[6:]}, CPU", timeit(lambda: model(ids, mask)), t_ref)
+        report(f"T5 large width x8 layers, 4x300 tokens, {str(dtype)[6:]}, CPU",
+               *alternate(lambda: model(ids, mask), lambda: ref(input_ids=ids, attention_mask=mask)))
     del model, ref
 
     # CPU dtype: our encoder at the full XXL width (2 of its 24 layers), fp32 vs bf16
     config = t5.T5Config(num_layers=2)
     ids, mask = padded_ids(config, N=2)
     model = random_t5(config)
-    t32 = timeit(lambda: model(ids, mask), repeat=2)
-    model = model.to(torch.bfloat16)
-    t16 = timeit(lambda: model(ids, mask), repeat=2)
+    half = random_t5(config, torch.bfloat16)
+    t32, t16 = alternate(lambda: model(ids, mask), lambda: half(ids, mask), rounds=3)
     print(f"{'T5-XXL width x2 layers, 2x300 tokens, CPU':<48} fp32 {t32:8.3f}s   bf16 {t16:8.3f}s   "
           f"bf16/fp32 {t16 / t32:5.2f}x", flush=True)
-    del model
+    del model, half
 
     # Peak host memory: load a sharded fp32 text_encoder/ folder (the released layout) into bf16
     config = t5.T5Config(d_model=2048, d_ff=5120, num_heads=32, num_layers=12)
