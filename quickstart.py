@@ -12,7 +12,7 @@
   no autoencoder to train first and nothing to download. Two pixel-space details: the images are multiplied
   by 4 (--pixel-scale, a VAE scaling factor in reverse) so that colours and layout are decided at less extreme
   noise levels, where a tiny, briefly trained ε-predictor is accurate enough (x̂0 = (x − σ ε̂)/α multiplies ε̂'s
-  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (train.clip_x0). An EMA of the
+  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (clip_x0). An EMA of the
   weights (0.995) smooths the last steps' Adam noise out of the samples.
 """
 import json
@@ -24,6 +24,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
+import diffusion
 import t5 as t5lib
 
 # train.py --quickstart flags (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
@@ -94,3 +95,16 @@ def components(folder, seed=0):
         json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
                   open(os.path.join(folder, "text_encoder", "config.json"), "w"))
     return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=None)
+
+
+def clip_x0(model_fn, bound=1.0):
+    """Pixel-space sampling clips x̂0 = (x − σ ε̂)/α to the image range ±bound (±1 × --pixel-scale; IDDPM's
+    clip_denoised): at t = 999, 1/α = 158 turns any ε̂ error into a huge x̂0. Returns the ε of the clipped x̂0."""
+    ac = diffusion.alphas_cumprod()
+
+    def fn(x, t):
+        out = model_fn(x, t)
+        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
+        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
+        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
+    return fn

@@ -335,19 +335,6 @@ def main(argv=None):
     return model
 
 
-def clip_x0(model_fn, bound=1.0):
-    """Pixel-space sampling clips x̂0 = (x − σ ε̂)/α to the image range [-1, 1] (IDDPM's clip_denoised): at
-    t = 999, 1/α = 158 turns any ε̂ error into a huge x̂0. Returns ε consistent with the clipped x̂0."""
-    ac = diffusion.alphas_cumprod()
-
-    def fn(x, t):
-        out = model_fn(x, t)
-        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
-        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
-        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
-    return fn
-
-
 @torch.no_grad()
 def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
     """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
@@ -359,7 +346,7 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
         x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
         fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                               y_null, m_null, cfg)
-        fn = clip_x0(fn, pixels) if pixels else fn
+        fn = quickstart.clip_x0(fn, pixels) if pixels else fn
         x = diffusion.dpm_solver(fn, x, 20, False) if sampler == "dpm" else diffusion.ancestral(fn, x, 100, g, False)
         rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
@@ -370,7 +357,10 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the docstring as written, and every flag's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--quickstart", action="store_true", help="CPU demo, no download: synthetic shapes, tiny T5 and DiT")
     a("--data", help="folder of images + same-name .txt captions, or a .jsonl manifest")
@@ -426,4 +416,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad flags, data or weights: the message, not a traceback
+        raise SystemExit(f"train.py: error: {e}")
