@@ -14,7 +14,7 @@ import torch
 
 def _factored_rsqrt(row, col):
     """1/√(r c^T / mean(r)): Adafactor's rank-1 estimate of the per-element moment, inverted."""
-    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt()  # (..., R)
+    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()  # (..., R)
     return r.unsqueeze(-1) * col.rsqrt().unsqueeze(-2)  # (..., R, C)
 
 
@@ -51,25 +51,25 @@ class CAME(torch.optim.Optimizer):
                 state["step"] += 1
 
                 # second moment of g (+eps1 keeps the rsqrt finite), factored for matrices
-                g2 = g * g + eps1
+                g2 = (g * g).add_(eps1)
                 if factored:
                     state["exp_avg_sq_row"].lerp_(g2.mean(dim=-1), 1 - b2)
                     state["exp_avg_sq_col"].lerp_(g2.mean(dim=-2), 1 - b2)
-                    u = g * _factored_rsqrt(state["exp_avg_sq_row"], state["exp_avg_sq_col"])
+                    u = _factored_rsqrt(state["exp_avg_sq_row"], state["exp_avg_sq_col"]).mul_(g)
                 else:
                     state["exp_avg_sq"].lerp_(g2, 1 - b2)
-                    u = g * state["exp_avg_sq"].rsqrt()
+                    u = state["exp_avg_sq"].rsqrt().mul_(g)
                 # update clipping: RMS(u) ≤ d (Adafactor §6)
                 rms = u.norm() / u.numel() ** 0.5
-                u = u / (rms / group["clip_threshold"]).clamp(min=1.0)
+                u.div_((rms / group["clip_threshold"]).clamp(min=1.0))
                 m = state["exp_avg"].lerp_(u, 1 - b1)
 
                 # confidence: the instability (u − m)² gets its own factored moment S; step = m/√S
                 if factored:
-                    res = (u - m) ** 2 + eps2
+                    res = u.sub_(m).square_().add_(eps2)  # u is not needed any more
                     state["exp_avg_res_row"].lerp_(res.mean(dim=-1), 1 - b3)
                     state["exp_avg_res_col"].lerp_(res.mean(dim=-2), 1 - b3)
-                    update = m * _factored_rsqrt(state["exp_avg_res_row"], state["exp_avg_res_col"])
+                    update = _factored_rsqrt(state["exp_avg_res_row"], state["exp_avg_res_col"]).mul_(m)
                 else:
                     update = m
                 if group["weight_decay"]:
