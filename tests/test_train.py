@@ -283,6 +283,24 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------------------------- weak-to-strong stages
+def test_stage_new_vae_starts_from_pixart_alpha(tmp_path):
+    """Stage 1 starts from a PixArt-α .pth: micro-condition embedders dropped, 120-token null caption resized."""
+    cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=8,
+                            sample_size=16, pe_interpolation=1.0)
+    sd = sigma.PixArtSigma(cfg).state_dict()
+    sd |= {"csize_embedder.mlp.0.weight": torch.randn(64, 256), "ar_embedder.mlp.0.weight": torch.randn(64, 256),
+           "pos_embed": torch.zeros(1, 64, 64)}  # α-1024-MS extras; pos_embed: 8×8 tokens = a 16-latent grid
+    torch.save({"state_dict": sd}, tmp_path / "alpha.pth")
+    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "alpha.pth"), "--image-size", "128",
+                             "--caption-tokens", "16"])
+    model = train.build_model(args, torch.device("cpu"))
+    assert model.config.caption_tokens == 16 and model.y_embedder.y_embedding.shape == (16, 32)
+    assert (model.config.sample_size, model.config.pe_interpolation) == (16, 16 / 64)
+    new = model.state_dict()
+    assert all(torch.equal(new[k], v) for k, v in sd.items() if k in new and k != "y_embedder.y_embedding")
+    assert not any(k.startswith(("csize", "ar_")) for k in new)
+
+
 def test_stage_higher_resolution_recomputes_positions(tmp_path):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
     cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
