@@ -68,11 +68,16 @@ def resolve_model(model):
     if os.path.exists(model):
         if os.path.isdir(os.path.join(model, "transformer")):  # a whole diffusers pipeline folder
             return os.path.join(model, "transformer"), None, None
+        if os.path.isfile(os.path.join(model, "latest")):  # a train.py run folder: its latest checkpoint
+            model = os.path.join(model, open(os.path.join(model, "latest")).read().strip())
+        if os.path.isfile(os.path.join(model, "model.safetensors")):  # a train.py checkpoint: EMA weights if kept
+            ema = os.path.join(model, "ema.safetensors")
+            return ema if os.path.isfile(ema) else os.path.join(model, "model.safetensors"), None, None
         return model, None, None
     name = model_name(model)
     if name is None:
         raise ValueError(f"--model {model!r} is neither a released model ({', '.join(MODELS)}) nor an existing "
-                         "file or folder (an official .pth, a diffusers transformer folder or our .safetensors)")
+                         "file or folder (an official .pth, a diffusers transformer folder, our .safetensors or a train.py run)")
     repo, pth = MODELS[name]
     if not cached(repo, TRANSFORMER) and (official := cached(OFFICIAL_REPO, [pth])):
         return official[0], name, repo  # the user has the official .pth already: don't fetch a second copy

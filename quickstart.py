@@ -1,6 +1,7 @@
 """The no-download CPU quick start of train.py: synthetic captioned shapes, their tokenizer and a tiny T5.
 
     python train.py --quickstart          # then look at runs/quickstart/step_*/preview.png
+    python sample.py --model runs/quickstart "a red circle on a blue background"   # its latest EMA weights
 
 - Data: "a red circle on a blue background" — 3 shapes × 6 colours × 5 other background colours, drawn
   on the fly (item i from seed i: nothing to download, resumable like any dataset), small random size/offset.
@@ -108,3 +109,25 @@ def clip_x0(model_fn, bound=1.0):
         x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
         return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
     return fn
+
+
+def save_sample_settings(out, pixel_scale):
+    """out/sample.json: what `python sample.py --model <out>` needs besides the weights, so it takes no flags:
+    the pixel scale (its presence means pixel space: no VAE, no binning) and the folder of the run's
+    text_encoder/ and tokenizer/, relative to the run folder."""
+    with open(os.path.join(out, "sample.json"), "w") as f:
+        json.dump(dict(pixel_scale=pixel_scale, components="."), f)
+
+
+def sample_settings(checkpoint):
+    """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
+    dict(text_encoder, tokenizer, vae=None, pixel_scale), laid out as hub.resolve_components'; None elsewhere."""
+    here = os.path.dirname(os.path.abspath(checkpoint))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(folder, "sample.json")):
+            with open(os.path.join(folder, "sample.json")) as f:
+                settings = json.load(f)
+            comps = os.path.join(folder, settings["components"])
+            return dict(text_encoder=os.path.join(comps, "text_encoder"), vae=None, pixel_scale=settings["pixel_scale"],
+                        tokenizer=os.path.join(comps, "tokenizer", "spiece.model"))
+    return None

@@ -6,6 +6,8 @@ The pipeline, one model on the accelerator at a time:
   2. The DiT denoises Gaussian latents (1, 4, H/8, W/8) with classifier-free guidance, DPM-Solver++(2M)
      in 20 steps or IDDPM ancestral in ~100 (sigma.py, diffusion.py).
   3. The SDXL VAE decodes the latents, tiled above 2048² (vae.py).
+A train.py --quickstart run is a pixel-space model (quickstart.py): its sample.json says so and where its own T5 and
+tokenizer are; the DiT then denoises the image itself (1, 3, H, W) × pixel_scale, x̂0 clipped, with no VAE.
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
 runs on the larger grid through position-embedding interpolation. Weights (hub.py): the Hugging Face cache.
@@ -18,6 +20,7 @@ Examples:
     python sample.py "a lighthouse on a cliff at dawn" --size 4096 --kv-compress avgpool
     python sample.py --prompts-file prompts.txt --model 512 --size 512 --out previews
     python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
+    python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python train.py --quickstart
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
 import argparse
@@ -34,14 +37,15 @@ from PIL.PngImagePlugin import PngInfo
 
 import diffusion
 import hub
+import quickstart
 import sizes
 import t5 as t5lib
 import vae as vaelib
 
 
 def _take(component):
-    """A loaded module is used where it lives; a loader function is called now (and its result freed later)."""
-    return (component, False) if isinstance(component, torch.nn.Module) else (component(), True)
+    """A loaded module (or None) is used where it lives; a loader function is called now (and its result freed later)."""
+    return (component, False) if component is None or isinstance(component, torch.nn.Module) else (component(), True)
 
 
 def _release_memory():
@@ -52,12 +56,13 @@ def _release_memory():
 
 @torch.no_grad()
 def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
-             n=1, sampler="dpm", binning=True, progress=True):
+             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None):
     """prompts (list of str) -> n PIL images per prompt (prompt-major); image k uses seed + k.
 
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
-    is freed before the DiT runs. tokenizer: a t5.Tokenizer. size: (height, width) of the images."""
+    is freed before the DiT runs. tokenizer: a t5.Tokenizer. size: (height, width) of the images. pixel_scale: a
+    pixel-space model (train.py --quickstart): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
     height, width = size
     # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
     # done here too, so the same prompt gives the same image in both.
@@ -72,19 +77,23 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
     weight = model.x_embedder.proj.weight
     y, y_neg, mask, mask_neg = (a.to(weight.device) for a in (y.to(weight.dtype), y_neg.to(weight.dtype), mask, mask_neg))
     vae, _ = _take(vae)
-    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning)
+    factor = 1 if pixel_scale else 8  # pixels per latent
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
     images = []
     for k in range(len(prompts) * n):
         p = k // n
         g = torch.Generator("cpu").manual_seed(seed + k)  # this image's noise, drawn alone: batch-independent
-        x = torch.randn((1, model.config.in_channels, gen_h // 8, gen_w // 8), generator=g).to(weight.device)
+        x = torch.randn((1, model.config.in_channels, gen_h // factor, gen_w // factor), generator=g).to(weight.device)
         model_fn = diffusion.guided(model, y[p:p + 1], mask[p:p + 1], y_neg, mask_neg, cfg)
+        model_fn = quickstart.clip_x0(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
         if sampler == "dpm":
-            x = diffusion.dpm_solver(model_fn, x, steps, progress=progress)  # (1, 4, h, w)
+            x = diffusion.dpm_solver(model_fn, x, steps, progress=progress)  # (1, C, h, w)
         else:
             x = diffusion.ancestral(model_fn, x, steps, generator=g, progress=progress)
-        vae_param = vae.post_quant_conv.weight
-        image = vae.decode(x.to(vae_param.device, vae_param.dtype)).float()  # (1, 3, gen_h, gen_w) in [-1, 1]
+        if pixel_scale:  # pixel space: the DiT denoised the image × pixel_scale
+            image = x.float() / pixel_scale  # (1, 3, gen_h, gen_w) in [-1, 1]
+        else:
+            image = vae.decode(x.to(vae.post_quant_conv.weight)).float()  # (1, 3, gen_h, gen_w) in [-1, 1]
         image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
         pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
         images.append(Image.fromarray((pixels * 255).round().astype(np.uint8)))
@@ -127,7 +136,7 @@ def build_parser():
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
     p.add_argument("--model", default="auto", help=f"released model ({', '.join(hub.MODELS)}; auto: 1024 up to 1536², "
-                   "2K above) or a local official .pth, diffusers folder or sigma.save_checkpoint .safetensors")
+                   "2K above), a local official .pth, diffusers folder, our .safetensors or train.py run folder (latest, EMA if kept)")
     p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
                    "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
     p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
@@ -179,12 +188,14 @@ def run(args):
     components = args.components
     if components is None and os.path.isdir(os.path.join(model_arg, "text_encoder")):
         components = model_arg  # a whole diffusers pipeline folder
-    files = hub.resolve_components(components, repo)
+    files = quickstart.sample_settings(path) or hub.resolve_components(components, repo)  # sample.json of its run
+    pixel_scale = files.get("pixel_scale")  # pixel space (train.py --quickstart): no VAE, no aspect-ratio buckets
     model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
     tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
-    trained = 8 * model.config.sample_size
+    factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
+    trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
-    gen_h, gen_w = sizes.generation_size(height, width, model.config, not args.no_binning)
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
     if gen_h * gen_w > 1.1 * trained**2:
         print(f"sample.py: {gen_w}x{gen_h} is above the {name or path} model's training size {trained}²: the DiT runs "
               "there through position-embedding interpolation (no released checkpoint was trained at this size)"
@@ -193,9 +204,9 @@ def run(args):
     images = generate(
         prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
         lambda: hub.load("text encoder", files["text_encoder"], t5lib.load_t5, t5_dtype, "cpu" if args.low_memory else device),
-        tokenizer, lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
+        tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
-        sampler=args.sampler, binning=not args.no_binning)
+        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale)
     for k, image in enumerate(images):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}")

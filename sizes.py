@@ -33,16 +33,17 @@ def parse_size(text):
     if width % 8 or height % 8:
         raise ValueError(f"--size must be a multiple of 8 on both sides (the VAE's factor), got {width}x{height}; "
                          f"e.g. {8 * round(width / 8)}x{8 * round(height / 8)}")
-    if min(width, height) < 64 or width * height > MAX_AREA:
-        raise ValueError(f"--size {width}x{height} is out of range: sides from 64 px, at most 4096x4096 pixels in all")
+    if min(width, height) < 16 or width * height > MAX_AREA:  # 16: the quick-start pixel-space model's size
+        raise ValueError(f"--size {width}x{height} is out of range: sides from 16 px, at most 4096x4096 pixels in all")
     return height, width
 
 
-def generation_size(height, width, config, binning=True):
+def generation_size(height, width, config, binning=True, factor=8):
     """The (height, width) the DiT runs at for a requested size: the nearest bucket of the model's table
     (scaled up to the requested area far above the training size), or with binning=False the size itself,
-    each rounded up to whole patches (and KV-compression blocks); resize_and_crop brings it back."""
-    step = 8 * config.patch_size * (config.kv_compress_ratio if config.kv_compress_layers else 1)
+    each rounded up to whole patches (and KV-compression blocks) of `factor` pixels per latent (8: the VAE's,
+    1: pixel space); resize_and_crop brings it back."""
+    step = factor * config.patch_size * (config.kv_compress_ratio if config.kv_compress_layers else 1)
     if binning:
         if config.sample_size not in BIN_TABLES:
             raise ValueError(f"no aspect-ratio table for a model trained at {8 * config.sample_size} px: use --no-binning")

@@ -183,6 +183,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.quickstart and master:
         quickstart.components(args.out, args.seed)
+        quickstart.save_sample_settings(args.out, args.pixel_scale)  # `sample.py --model <out>` needs no flags
     if world > 1:
         dist.barrier()  # the others read what rank 0 wrote
     resume = latest_checkpoint(args.out) if args.resume else None
