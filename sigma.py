@@ -287,7 +287,7 @@ class PixArtSigma(nn.Module):
             # Drop the padding columns that no sample uses (exact; the official code drops padded tokens
             # too): the caption MLP and 28 kv projections then run on the longest prompt, not on 300 tokens.
             L = int(mask.any(0).nonzero().max()) + 1
-            y, mask = y[:, :L], mask[:, :L]
+            y, mask = y[:, :L].contiguous(), mask[:, :L]
         y = self.y_embedder(y.to(dtype))  # (N, L, D)
         mask = mask[:, None, None, :]  # (N, 1, 1, L): True = attend
         for block in self.blocks:
