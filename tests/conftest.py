@@ -10,8 +10,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test that still runs in CI (deselect with -m 'not slow')")
