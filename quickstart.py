@@ -2,13 +2,15 @@
 
     python train.py --quickstart          # then look at runs/quickstart/step_*/preview.png
     python sample.py --model runs/quickstart "a red circle on a blue background"   # its latest EMA weights
+    python quickstart.py runs/quickstart   # score it: the right shape and colours in how many samples
 
 - Data: "a red circle on a blue background" — 3 shapes × 6 colours × 5 other background colours, drawn
-  on the fly (item i from seed i: nothing to download, resumable like any dataset), small random size/offset.
+  on the fly (item i from seed i: nothing to download, resumable like any dataset), near the centre, with
+  a slightly random size and offset.
 - Text: a word-level sentencepiece model trained on those captions (T5's special ids: pad 0, eos 1, unk 2),
   so t5.Tokenizer and sample.py load it like the real spiece.model; and a 2-layer T5 encoder with frozen
-  random weights. A random T5 is enough: every word gets a distinct vector, mixed with its neighbours by the
-  relative-position bias, so "red circle on blue" and "blue circle on red" differ.
+  weights: random, except that its attention reads neighbours (neighbour_heads) — a plain random T5 hardly
+  mixes tokens, so "red" meant nearly the same vector as the shape's colour and as the background's.
 - Pixel space, no VAE: the DiT denoises 16×16 RGB images directly (as DDPM/IDDPM did on pixels), so there is
   no autoencoder to train first and nothing to download. Two pixel-space details: the images are multiplied
   by 4 (--pixel-scale, a VAE scaling factor in reverse) so that colours and layout are decided at less extreme
@@ -45,6 +47,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     COLORS = dict(red=(220, 30, 30), green=(30, 180, 40), blue=(30, 60, 220),
                   yellow=(240, 220, 30), white=(245, 245, 245), black=(15, 15, 15))
     SHAPES = ("circle", "square", "triangle")
+    RADIUS, OFFSET = (0.3, 0.36), 0.03  # shape radius and centre offset, as fractions of the image side
 
     def __init__(self, size=16, length=100_000):
         self.size, self.length = size, length
@@ -61,25 +64,59 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = random.Random(i)
         shape = rng.choice(self.SHAPES)
         color, bg = rng.sample(list(self.COLORS), 2)
-        S = 2 * self.size  # draw at 2x, then average 2x2 pixels: smooth edges
-        r = S * rng.uniform(0.22, 0.34)
-        cy, cx = S / 2 + S * rng.uniform(-0.1, 0.1), S / 2 + S * rng.uniform(-0.1, 0.1)
-        y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-        if shape == "circle":
-            inside = (y - cy) ** 2 + (x - cx) ** 2 < r * r
-        elif shape == "square":
-            inside = ((y - cy).abs() < 0.85 * r) & ((x - cx).abs() < 0.85 * r)
-        else:  # upright triangle: apex at the top, base at the bottom
-            inside = (y > cy - r) & (y < cy + 0.8 * r) & ((x - cx).abs() < 0.6 * (y - cy + r))
-        fg, bgc = torch.tensor(self.COLORS[color]), torch.tensor(self.COLORS[bg])
-        img = torch.where(inside[None], fg[:, None, None], bgc[:, None, None]).float()  # (3, S, S)
-        img = torch.nn.functional.avg_pool2d(img[None], 2)[0]  # (3, size, size)
-        return dict(index=i, image=img / 127.5 - 1, captions=[f"a {color} {shape} on a {bg} background"])
+        r, dy, dx = rng.uniform(*self.RADIUS), rng.uniform(-self.OFFSET, self.OFFSET), rng.uniform(-self.OFFSET, self.OFFSET)
+        return dict(index=i, image=draw(shape, color, bg, self.size, r, dy, dx),
+                    captions=[f"a {color} {shape} on a {bg} background"])
+
+
+def draw(shape, color, bg, size, r, dy=0.0, dx=0.0):
+    """(3, size, size) in [-1, 1]: a `color` shape of radius r·size, centre offset (dy, dx)·size, on `bg`."""
+    S = 2 * size  # draw at 2x, then average 2x2 pixels: smooth edges
+    r, cy, cx = S * r, S / 2 + S * dy, S / 2 + S * dx
+    y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    if shape == "circle":
+        inside = (y - cy) ** 2 + (x - cx) ** 2 < r * r
+    elif shape == "square":
+        inside = ((y - cy).abs() < 0.85 * r) & ((x - cx).abs() < 0.85 * r)
+    else:  # upright triangle: apex at the top, base at the bottom
+        inside = (y > cy - r) & (y < cy + 0.8 * r) & ((x - cx).abs() < 0.6 * (y - cy + r))
+    C = ShapesDataset.COLORS
+    img = torch.where(inside[None], torch.tensor(C[color])[:, None, None], torch.tensor(C[bg])[:, None, None]).float()
+    return torch.nn.functional.avg_pool2d(img[None], 2)[0] / 127.5 - 1
+
+
+@torch.no_grad()
+def score(images, prompts):
+    """How well samples follow their prompts, judged against the drawing rules above rather than the model:
+    each image (3, H, W) in [-1, 1] is compared with the prompt's colours drawn as each of the three shapes at
+    every size and position of a grid over the data's range; the nearest drawing names the shape it shows.
+    -> dict(shape=fraction whose nearest drawing has the prompt's shape, color=fraction whose centre pixel and
+    corners have the prompt's shape and background colours (nearest of the six), rmse=mean distance to it)."""
+    C = ShapesDataset.COLORS
+    names, palette = list(C), torch.tensor(list(C.values())).float() / 127.5 - 1  # (6, 3)
+    lo, hi = ShapesDataset.RADIUS
+    grid = [(r, dy, dx) for r in torch.linspace(lo, hi, 5).tolist()
+            for dy in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()
+            for dx in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()]
+    shape_ok = color_ok = rmse = 0.0
+    for img, prompt in zip(images, prompts):
+        _, color, shape, _, _, bg, _ = prompt.split()
+        H = img.shape[-1]
+        nearest = {s: min(((img - draw(s, color, bg, H, *g)) ** 2).mean().item() for g in grid)
+                   for s in ShapesDataset.SHAPES}
+        best = min(nearest, key=nearest.get)
+        shape_ok += best == shape
+        rmse += nearest[best] ** 0.5
+        centre, corners = img[:, H // 2, H // 2], img[:, [0, 0, -1, -1], [0, -1, 0, -1]].T  # (3,), (4, 3)
+        name = lambda px: names[((palette - px) ** 2).sum(1).argmin()]
+        color_ok += name(centre) == color and all(name(c) == bg for c in corners)
+    n = len(prompts)
+    return dict(shape=shape_ok / n, color=color_ok / n, rmse=rmse / n)
 
 
 def components(folder, seed=0):
-    """A word-level sentencepiece model trained on the shape captions and a tiny random T5, saved in the
-    released layout (tokenizer/spiece.model, text_encoder/) so sample.py loads them like the real ones."""
+    """A word-level sentencepiece model trained on the shape captions and a tiny frozen T5 (random weights,
+    neighbour_heads attention), saved in the released layout (tokenizer/spiece.model, text_encoder/) so sample.py loads them like the real ones."""
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
     spiece = os.path.join(folder, "tokenizer", "spiece.model")
@@ -92,10 +129,34 @@ def components(folder, seed=0):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             cfg = t5lib.T5Config(vocab_size=t5lib.Tokenizer(spiece).sp.get_piece_size(), **T5)
-            save_file(t5lib.T5Encoder(cfg).state_dict(), weights)
+            save_file(neighbour_heads(t5lib.T5Encoder(cfg)).state_dict(), weights)
         json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
                   open(os.path.join(folder, "text_encoder", "config.json"), "w"))
     return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=None)
+
+
+@torch.no_grad()
+def neighbour_heads(model, offsets=(-1, 1, -2, 2), bias=10.0, gain=3.0):
+    """Make a random T5 mix each word with its neighbours, so a word's vector says where it stands. Head h
+    attends by position only (q = k = 0) to the token at relative offset offsets[h]: a bias of +10 on that
+    offset's bucket; the output projections are scaled ×3 so the neighbours' share is not drowned by the
+    residual. Measured with the quick start's tokenizer: "red" as the shape's colour vs as the background's
+    has cosine 0.98 in a plain random T5 and 0.63 after this; samples with the right colours at 1500 steps
+    went from 7% to 81%. Still a standard T5: t5.py and transformers load it unchanged."""
+    attention = [block.layer[0].SelfAttention for block in model.encoder.block]
+    if len(offsets) != model.config.num_heads:
+        raise ValueError(f"one offset per head: {len(offsets)} offsets for {model.config.num_heads} heads")
+    table = attention[0].relative_attention_bias.weight  # (buckets, heads), shared by all blocks
+    table.zero_()
+    for h, offset in enumerate(offsets):
+        bucket = t5lib.relative_position_bucket(torch.tensor(offset), model.config.relative_attention_num_buckets,
+                                                model.config.relative_attention_max_distance)
+        table[bucket, h] = bias
+    for a in attention:
+        a.q.weight.zero_()
+        a.k.weight.zero_()
+        a.o.weight.mul_(gain)
+    return model
 
 
 def clip_x0(model_fn, bound=1.0):
@@ -131,3 +192,69 @@ def sample_settings(checkpoint):
             return dict(text_encoder=os.path.join(comps, "text_encoder"), vae=None, pixel_scale=settings["pixel_scale"],
                         tokenizer=os.path.join(comps, "tokenizer", "spiece.model"))
     return None
+
+
+GRID_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+                "a yellow triangle on a black background", "a blue circle on a yellow background",
+                "a white square on a red background", "a black triangle on a green background",
+                "a red triangle on a white background", "a green circle on a black background"]
+
+
+def save_grid(images, prompts, path, tile=128):
+    """One row per prompt (its text on the left), its images upscaled to tile × tile px with nearest pixels."""
+    from PIL import Image, ImageDraw
+    n = len(images) // len(prompts)
+    grid = Image.new("RGB", (270 + n * tile, len(prompts) * tile), "white")
+    for k, image in enumerate(images):
+        grid.paste(image.resize((tile, tile), Image.NEAREST), (270 + (k % n) * tile, (k // n) * tile))
+    for p, prompt in enumerate(prompts):
+        ImageDraw.Draw(grid).text((6, p * tile + tile // 2 - 6), prompt, fill="black")
+    grid.save(path)
+
+
+def main(argv=None):
+    """python quickstart.py runs/quickstart: sample every caption of the dataset from a run's latest (EMA)
+    checkpoint as `sample.py --model <run>` does, and print score(): how many samples show the right shape
+    and colours."""
+    import argparse
+    import numpy as np
+    import hub
+    import sample
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run", help="a train.py --quickstart run folder (or one of its step_*/ checkpoints)")
+    p.add_argument("--n", type=int, default=2, help="samples per caption (seeds 1000, 1001, ...)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=4.5)
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "ancestral"])
+    p.add_argument("--grid", help="also save a labelled grid PNG here: GRID_PROMPTS × 6 seeds (the README's figure)")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.run):
+        raise SystemExit(f"quickstart.py: no such run {args.run!r}: `python train.py --quickstart` writes runs/quickstart")
+    path, name, _ = hub.resolve_model(args.run)
+    files = sample_settings(path)
+    if files is None:
+        raise SystemExit(f"quickstart.py: {args.run} is not a train.py --quickstart run (no sample.json beside it)")
+    model = hub.load_model(path, name, None).eval()
+    text = t5lib.load_t5(files["text_encoder"], dtype=torch.float32, device="cpu")
+    prompts, H = ShapesDataset.captions(), model.config.sample_size
+    images = sample.generate(prompts, model, text, t5lib.Tokenizer(files["tokenizer"]), None, size=(H, H), n=args.n,
+                             steps=args.steps, cfg=args.cfg, seed=1000, sampler=args.sampler, binning=False,
+                             pixel_scale=files["pixel_scale"])
+    x = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]  # (3, H, W) in [-1, 1]
+    prompts = [q for q in prompts for _ in range(args.n)]
+    result = score(x, prompts)
+    for s in ShapesDataset.SHAPES:
+        result[s] = score(*zip(*[(a, q) for a, q in zip(x, prompts) if f" {s} " in q]))["shape"]
+    if args.grid:
+        save_grid(sample.generate(GRID_PROMPTS, model, text, t5lib.Tokenizer(files["tokenizer"]), None, size=(H, H),
+                                  n=6, steps=args.steps, cfg=args.cfg, sampler=args.sampler, binning=False,
+                                  pixel_scale=files["pixel_scale"]), GRID_PROMPTS, args.grid)
+    print(f"{path}: {len(x)} samples ({args.sampler}, {args.steps} steps, CFG {args.cfg:g}): right shape "
+          f"{result['shape']:.0%} (circle {result['circle']:.0%}, square {result['square']:.0%}, "
+          f"triangle {result['triangle']:.0%}), right colours {result['color']:.0%}, "
+          f"distance to the nearest drawing {result['rmse']:.3f} rms")
+    return result
+
+
+if __name__ == "__main__":
+    main()

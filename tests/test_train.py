@@ -16,6 +16,7 @@ import data
 import diffusion
 import quickstart
 import sigma
+import t5
 import train
 from came import CAME
 
@@ -196,6 +197,16 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
                         "--seed", "0", "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "00001-0.png").size == (32, 16)
     assert len(capsys.readouterr().out.split()) == 2  # one path printed per image
+    # `python quickstart.py <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
+    result = quickstart.main([str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
+    assert set(result) == {"shape", "color", "rmse", "circle", "square", "triangle"} and 0 <= result["shape"] <= 1
+    assert Image.open(tmp_path / "grid.png").size == (270 + 6 * 128, len(quickstart.GRID_PROMPTS) * 128)
+    assert "right shape" in capsys.readouterr().out
+    os.remove(run / "sample.json")
+    with pytest.raises(SystemExit, match="not a train.py --quickstart run"):
+        quickstart.main([str(run)])
+    with pytest.raises(SystemExit, match="no such run"):
+        quickstart.main([str(tmp_path / "missing")])
 
 
 def test_resume_continues_exactly(tmp_path, tiny):
@@ -363,3 +374,39 @@ def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
                 for name, m in dict(plain=trained, kv=kv, scratch=scratch).items()}
     assert loss["plain"] < 0.8 * loss["scratch"], loss
     assert abs(loss["kv"] - loss["plain"]) < 0.25 * (loss["scratch"] - loss["plain"]), loss
+
+
+def test_quickstart_score_tells_shapes_and_colours_apart():
+    # the scorer behind the README's quick-start figures: drawings with their own captions score 1, the
+    # same drawings under another shape's or swapped colours' caption score 0
+    ds = quickstart.ShapesDataset(16)
+    items = [ds[i] for i in range(60)]
+    images, captions = [it["image"] for it in items], [it["captions"][0] for it in items]
+    assert quickstart.score(images, captions) == pytest.approx(dict(shape=1.0, color=1.0, rmse=0.0), abs=0.12)
+    shapes = quickstart.ShapesDataset.SHAPES
+    other = [c.replace(f" {s} ", f" {shapes[(shapes.index(s) + 1) % 3]} ") for c in captions
+             for s in shapes if f" {s} " in c]
+    assert quickstart.score(images, other)["shape"] == 0.0
+    swapped = []
+    for c in captions:
+        _, color, shape, _, _, bg, _ = c.split()
+        swapped.append(f"a {bg} {shape} on a {color} background")
+    assert quickstart.score(images, swapped)["color"] == 0.0
+    noisy = [x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(images)]
+    assert quickstart.score(noisy, captions)["rmse"] > 0.7
+
+
+def test_quickstart_t5_tells_a_words_place(tmp_path):
+    # neighbour_heads: "red" as the shape's colour and as the background's must get different vectors; a plain
+    # random T5 of the same size gives nearly the same one (the reason the quick start does not use it)
+    comps = quickstart.components(str(tmp_path))
+    tok = t5.Tokenizer(comps["tokenizer"], max_length=16)
+    prompts = ["a red circle on a blue background", "a blue circle on a red background"]
+    cos = lambda y: torch.nn.functional.cosine_similarity(y[0, 1], y[1, 5], dim=0).item()  # "red" at 1 and at 5
+    y, _ = t5.encode(t5.load_t5(comps["text_encoder"], dtype=torch.float32), tok, prompts)
+    torch.manual_seed(0)
+    plain = t5.T5Encoder(t5.T5Config(vocab_size=tok.sp.get_piece_size(), **quickstart.T5))
+    y_plain, _ = t5.encode(plain, tok, prompts)
+    assert cos(y_plain) > 0.95 and cos(y) < 0.8, (cos(y_plain), cos(y))
+    with pytest.raises(ValueError, match="one offset per head"):
+        quickstart.neighbour_heads(plain, offsets=(-1, 1))
