@@ -181,6 +181,9 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    if not args.resume and latest_checkpoint(args.out):  # its step folders would be kept and the new run's not saved
+        raise ValueError(f"{args.out} already holds a run (latest: {open(os.path.join(args.out, 'latest')).read().strip()}): "
+                         "add --resume to continue it, or give another --out (or delete the folder) to start afresh")
     if args.quickstart and master:
         quickstart.components(args.out, args.seed)
         quickstart.save_sample_settings(args.out, args.pixel_scale)  # `sample.py --model <out>` needs no flags

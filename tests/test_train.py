@@ -219,6 +219,9 @@ def test_resume_continues_exactly(tmp_path, tiny):
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["loss"] for r in log] == [r["loss"] for r in ref]  # the same loss curve, step for step
+    # the same command without --resume would train and keep none of it (the step folders exist): refused
+    with pytest.raises(ValueError, match="already holds a run .latest: step_0000005.: add --resume"):
+        train.main(run_args(tmp_path / "b", "--steps", 5))
 
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
