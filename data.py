@@ -239,3 +239,23 @@ class CachedDataset(torch.utils.data.Dataset):
         f = self.files[shard]
         return dict(index=i, latent=f.get_tensor(f"{key}.latent"), y=[f.get_tensor(f"{key}.y{k}") for k in range(n)],
                     captions=[None] * n)
+
+
+def micro_batches(dataset, sampler, start, workers):
+    """Endless stream of this rank's micro-batches, starting at global micro-batch number `start`."""
+    epoch, offset = divmod(start, len(sampler))
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.epoch(epoch)[offset:],
+                                             num_workers=workers, collate_fn=list)
+        for items in loader:
+            yield epoch, items
+        epoch, offset = epoch + 1, 0
+
+
+def pad_tokens(ys, L):
+    """List of (L_valid, D) caption features -> y (N, L, D) zero-padded, mask (N, L)."""
+    y = torch.zeros(len(ys), L, ys[0].shape[-1])
+    mask = torch.zeros(len(ys), L, dtype=torch.long)
+    for i, v in enumerate(ys):
+        y[i, : len(v)], mask[i, : len(v)] = v[:L].float(), 1
+    return y, mask

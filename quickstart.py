@@ -64,7 +64,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = random.Random(i)
         shape = rng.choice(self.SHAPES)
         color, bg = rng.sample(list(self.COLORS), 2)
-        r, dy, dx = rng.uniform(*self.RADIUS), rng.uniform(-self.OFFSET, self.OFFSET), rng.uniform(-self.OFFSET, self.OFFSET)
+        r, (dy, dx) = rng.uniform(*self.RADIUS), (rng.uniform(-self.OFFSET, self.OFFSET) for _ in "yx")
         return dict(index=i, image=draw(shape, color, bg, self.size, r, dy, dx),
                     captions=[f"a {color} {shape} on a {bg} background"])
 
@@ -90,33 +90,36 @@ def score(images, prompts):
     """How well samples follow their prompts, judged against the drawing rules above rather than the model:
     each image (3, H, W) in [-1, 1] is compared with the prompt's colours drawn as each of the three shapes at
     every size and position of a grid over the data's range; the nearest drawing names the shape it shows.
-    -> dict(shape=fraction whose nearest drawing has the prompt's shape, color=fraction whose centre pixel and
-    corners have the prompt's shape and background colours (nearest of the six), rmse=mean distance to it)."""
+    -> dict(shape=fraction whose nearest drawing has the prompt's shape, and the same per prompted shape (circle,
+    square, triangle), color=fraction whose centre pixel and corners have the prompt's shape and background
+    colours (nearest of the six), rmse=mean distance to the nearest drawing)."""
     C = ShapesDataset.COLORS
     names, palette = list(C), torch.tensor(list(C.values())).float() / 127.5 - 1  # (6, 3)
     lo, hi = ShapesDataset.RADIUS
     grid = [(r, dy, dx) for r in torch.linspace(lo, hi, 5).tolist()
             for dy in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()
             for dx in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()]
-    shape_ok = color_ok = rmse = 0.0
+    shape_ok, color_ok, rmse = {s: [] for s in ShapesDataset.SHAPES}, 0.0, 0.0
     for img, prompt in zip(images, prompts):
         _, color, shape, _, _, bg, _ = prompt.split()
         H = img.shape[-1]
         nearest = {s: min(((img - draw(s, color, bg, H, *g)) ** 2).mean().item() for g in grid)
                    for s in ShapesDataset.SHAPES}
         best = min(nearest, key=nearest.get)
-        shape_ok += best == shape
+        shape_ok[shape].append(best == shape)
         rmse += nearest[best] ** 0.5
         centre, corners = img[:, H // 2, H // 2], img[:, [0, 0, -1, -1], [0, -1, 0, -1]].T  # (3,), (4, 3)
         name = lambda px: names[((palette - px) ** 2).sum(1).argmin()]
         color_ok += name(centre) == color and all(name(c) == bg for c in corners)
     n = len(prompts)
-    return dict(shape=shape_ok / n, color=color_ok / n, rmse=rmse / n)
+    per_shape = {s: sum(ok) / len(ok) for s, ok in shape_ok.items() if ok}
+    return dict(shape=sum(map(sum, shape_ok.values())) / n, color=color_ok / n, rmse=rmse / n, **per_shape)
 
 
 def components(folder, seed=0):
     """A word-level sentencepiece model trained on the shape captions and a tiny frozen T5 (random weights,
-    neighbour_heads attention), saved in the released layout (tokenizer/spiece.model, text_encoder/) so sample.py loads them like the real ones."""
+    neighbour_heads attention), saved in the released layout (tokenizer/spiece.model, text_encoder/) so
+    sample.py loads them like the real ones."""
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
     spiece = os.path.join(folder, "tokenizer", "spiece.model")
@@ -229,26 +232,23 @@ def main(argv=None):
     p.add_argument("--grid", help="also save a labelled grid PNG here: GRID_PROMPTS × 6 seeds (the README's figure)")
     args = p.parse_args(argv)
     if not os.path.exists(args.run):
-        raise SystemExit(f"quickstart.py: no such run {args.run!r}: `python train.py --quickstart` writes runs/quickstart")
+        raise SystemExit(f"quickstart.py: no such run {args.run!r}: "
+                         "`python train.py --quickstart` writes runs/quickstart")
     path, name, _ = hub.resolve_model(args.run)
     files = sample_settings(path)
     if files is None:
         raise SystemExit(f"quickstart.py: {args.run} is not a train.py --quickstart run (no sample.json beside it)")
     model = hub.load_model(path, name, None).eval()
-    text = t5lib.load_t5(files["text_encoder"], dtype=torch.float32, device="cpu")
-    prompts, H = ShapesDataset.captions(), model.config.sample_size
-    images = sample.generate(prompts, model, text, t5lib.Tokenizer(files["tokenizer"]), None, size=(H, H), n=args.n,
-                             steps=args.steps, cfg=args.cfg, seed=1000, sampler=args.sampler, binning=False,
-                             pixel_scale=files["pixel_scale"])
+    text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), t5lib.Tokenizer(files["tokenizer"])
+    H = model.config.sample_size
+    run = lambda prompts, n, seed: sample.generate(prompts, model, text, tok, None, size=(H, H), n=n, seed=seed,
+                                                   steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                                                   binning=False, pixel_scale=files["pixel_scale"])
+    images = run(ShapesDataset.captions(), args.n, 1000)
     x = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]  # (3, H, W) in [-1, 1]
-    prompts = [q for q in prompts for _ in range(args.n)]
-    result = score(x, prompts)
-    for s in ShapesDataset.SHAPES:
-        result[s] = score(*zip(*[(a, q) for a, q in zip(x, prompts) if f" {s} " in q]))["shape"]
+    result = score(x, [q for q in ShapesDataset.captions() for _ in range(args.n)])
     if args.grid:
-        save_grid(sample.generate(GRID_PROMPTS, model, text, t5lib.Tokenizer(files["tokenizer"]), None, size=(H, H),
-                                  n=6, steps=args.steps, cfg=args.cfg, sampler=args.sampler, binning=False,
-                                  pixel_scale=files["pixel_scale"]), GRID_PROMPTS, args.grid)
+        save_grid(run(GRID_PROMPTS, 6, 0), GRID_PROMPTS, args.grid)
     print(f"{path}: {len(x)} samples ({args.sampler}, {args.steps} steps, CFG {args.cfg:g}): right shape "
           f"{result['shape']:.0%} (circle {result['circle']:.0%}, square {result['square']:.0%}, "
           f"triangle {result['triangle']:.0%}), right colours {result['color']:.0%}, "

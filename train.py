@@ -131,9 +131,8 @@ def save_state(out, step, model, ema, opt, extra, keep):
     'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
     name = f"step_{step:07d}"
     final, tmp = os.path.join(out, name), os.path.join(out, f".tmp_{name}")
-    if os.path.exists(final):
-        return final
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (final, tmp):  # final: a save that a kill interrupted before `latest` moved to it, now redone
+        shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
     sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
     if ema is not None:
@@ -155,43 +154,23 @@ def latest_checkpoint(out):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def micro_batches(dataset, sampler, start, workers):
-    """Endless stream of this rank's micro-batches, starting at global micro-batch number `start`."""
-    epoch, offset = divmod(start, len(sampler))
-    while True:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.epoch(epoch)[offset:],
-                                             num_workers=workers, collate_fn=list)
-        for items in loader:
-            yield epoch, items
-        epoch, offset = epoch + 1, 0
-
-
-def pad_tokens(ys, L):
-    """List of (L_valid, D) caption features -> y (N, L, D) zero-padded, mask (N, L)."""
-    y = torch.zeros(len(ys), L, ys[0].shape[-1])
-    mask = torch.zeros(len(ys), L, dtype=torch.long)
-    for i, v in enumerate(ys):
-        y[i, : len(v)], mask[i, : len(v)] = v[:L].float(), 1
-    return y, mask
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume and latest_checkpoint(args.out):  # its step folders would be kept and the new run's not saved
-        raise ValueError(f"{args.out} already holds a run (latest: {open(os.path.join(args.out, 'latest')).read().strip()}): "
-                         "add --resume to continue it, or give another --out (or delete the folder) to start afresh")
+    resume = latest_checkpoint(args.out)
+    if resume and not args.resume:  # a second run would mix its checkpoints with the first one's
+        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
+                         "continue it, or give another --out (or delete the folder) to start afresh")
+    if args.resume and resume is None and master:
+        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
     if args.quickstart and master:
         quickstart.components(args.out, args.seed)
         quickstart.save_sample_settings(args.out, args.pixel_scale)  # `sample.py --model <out>` needs no flags
     if world > 1:
         dist.barrier()  # the others read what rank 0 wrote
-    resume = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and resume is None and master:
-        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
     if resume:
         model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
@@ -210,8 +189,8 @@ def main(argv=None):
         records, skipped = data.scan(args.data, keys)
         dataset = data.ImageDataset(records, table)
     if args.cache and not args.quickstart:
-        ids = dict(t5=args.components, vae=args.vae or args.components)  # names, not loads: a valid cache needs neither
-        fp = data.fingerprint(records, table, ids["vae"], ids["t5"], cfg.caption_tokens)
+        # the VAE and T5 enter by name, not loaded: a valid cache needs neither
+        fp = data.fingerprint(records, table, args.vae or args.components, args.components, cfg.caption_tokens)
         index = os.path.join(args.cache, "index.json")
         if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fp):
             enc_img, enc_cap, _ = load_encoders(args, cfg.caption_tokens, device)
@@ -267,7 +246,7 @@ def main(argv=None):
     net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    stream = micro_batches(dataset, sampler, step * args.grad_accum, args.workers)
+    stream = data.micro_batches(dataset, sampler, step * args.grad_accum, args.workers)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     B, G, seen, t_last = args.batch_size, args.batch_size * world, 0, time.time()
@@ -288,7 +267,7 @@ def main(argv=None):
             choice = torch.multinomial(weights.to(device).expand(G, -1), 1, generator=g)[sl, 0].tolist()
             if "latent" in items[0]:  # cached features
                 x0 = torch.stack([it["latent"] for it in items]).to(device)
-                y, mask = (v.to(device) for v in pad_tokens([it["y"][c] for it, c in zip(items, choice)], cfg.caption_tokens))
+                y, mask = (v.to(device) for v in data.pad_tokens([it["y"][c] for it, c in zip(items, choice)], cfg.caption_tokens))
             else:
                 with torch.no_grad():
                     x0 = encoders[0](torch.stack([it["image"] for it in items]))
