@@ -138,6 +138,20 @@ def guided(model, y, mask, y_null, mask_null, scale):
     return model_fn
 
 
+def clip_denoised(model_fn, bound=1.0):
+    """model_fn whose ε̂ is replaced by the ε of x̂0 = (x − σ ε̂)/α clipped to [−bound, bound]: IDDPM's and ADM's
+    `clip_denoised`, for models of pixels (whose range is known; latents have none). At t = 999, 1/α = 158
+    turns any ε̂ error into a huge x̂0; clipping keeps every step's data prediction inside the image range."""
+    ac = alphas_cumprod()
+
+    def fn(x, t):
+        out = model_fn(x, t)
+        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
+        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
+        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
+    return fn
+
+
 def _check_steps(steps):
     if not 1 <= steps <= NUM_TIMESTEPS:
         raise ValueError(f"steps must be in 1..{NUM_TIMESTEPS}, got {steps}")

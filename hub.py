@@ -108,6 +108,32 @@ def resolve_components(components=None, model_repo=None):
                 tokenizer=os.path.join(root, "tokenizer", "spiece.model"), vae=os.path.join(root, "vae"))
 
 
+def save_run_settings(out, components, pixel_scale=None):
+    """out/sample.json: what `sample.py --model <run>` needs besides the weights, so that it takes no flags — the
+    local components the run trained with (text_encoder, tokenizer, vae: None for a pixel-space model), relative
+    to the run folder when inside it, and pixel_scale for a pixel-space model (no VAE, no aspect-ratio buckets)."""
+    rel = lambda p: None if p is None else os.path.relpath(p, out) if os.path.abspath(p).startswith(
+        os.path.abspath(out) + os.sep) else os.path.abspath(p)
+    settings = {k: rel(components.get(k)) for k in ("text_encoder", "tokenizer", "vae")}
+    with open(os.path.join(out, "sample.json"), "w") as f:
+        json.dump(dict(settings, pixel_scale=pixel_scale), f)
+
+
+def run_settings(checkpoint):
+    """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
+    dict(text_encoder, tokenizer, vae, pixel_scale) with absolute paths; None when there is none."""
+    here = os.path.dirname(os.path.abspath(checkpoint))
+    for folder in (here, os.path.dirname(here)):
+        path = os.path.join(folder, "sample.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                settings = json.load(f)
+            path_of = lambda p: None if p is None else os.path.join(folder, p)  # absolute paths stay as they are
+            return dict({k: path_of(settings.get(k)) for k in ("text_encoder", "tokenizer", "vae")},
+                        pixel_scale=settings.get("pixel_scale"))
+    return None
+
+
 def parse_kv_compress(text, depth):
     """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: deep half."""
     mode, _, layers = text.partition(":")

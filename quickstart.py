@@ -1,8 +1,10 @@
-"""The no-download CPU quick start of train.py: synthetic captioned shapes, their tokenizer and a tiny T5.
+"""The no-download CPU quick start: synthetic captioned shapes, their tokenizer and a tiny T5, trained by train.py.
 
-    python train.py --quickstart          # then look at runs/quickstart/step_*/preview.png
+    python quickstart.py train            # train.main on this world; then look at runs/quickstart/step_*/preview.png
     python sample.py --model runs/quickstart "a red circle on a blue background"   # its latest EMA weights
-    python quickstart.py runs/quickstart   # score it: the right shape and colours in how many samples
+    python quickstart.py score runs/quickstart   # the right shape and colours in how many samples
+
+This file is a user of the product (train.py, sample.py, t5.py): they never import it.
 
 - Data: "a red circle on a blue background" — 3 shapes × 6 colours × 5 other background colours, drawn
   on the fly (item i from seed i: nothing to download, resumable like any dataset), near the centre, with
@@ -15,7 +17,7 @@
   no autoencoder to train first and nothing to download. Two pixel-space details: the images are multiplied
   by 4 (--pixel-scale, a VAE scaling factor in reverse) so that colours and layout are decided at less extreme
   noise levels, where a tiny, briefly trained ε-predictor is accurate enough (x̂0 = (x − σ ε̂)/α multiplies ε̂'s
-  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (clip_x0). An EMA of the
+  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (diffusion.clip_denoised). An EMA of the
   weights (0.995) smooths the last steps' Adam noise out of the samples.
 """
 import json
@@ -27,10 +29,10 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-import diffusion
+import sigma
 import t5 as t5lib
 
-# train.py --quickstart flags (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
+# train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
 DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
                 warmup=100, clip=1.0, ema=0.995, steps=3000, save_every=500, log_every=25, out="runs/quickstart",
                 workers=0, caption_tokens=16, lr_scaling=False, preview_every=500, preview_sampler="ancestral",
@@ -162,41 +164,6 @@ def neighbour_heads(model, offsets=(-1, 1, -2, 2), bias=10.0, gain=3.0):
     return model
 
 
-def clip_x0(model_fn, bound=1.0):
-    """Pixel-space sampling clips x̂0 = (x − σ ε̂)/α to the image range ±bound (±1 × --pixel-scale; IDDPM's
-    clip_denoised): at t = 999, 1/α = 158 turns any ε̂ error into a huge x̂0. Returns the ε of the clipped x̂0."""
-    ac = diffusion.alphas_cumprod()
-
-    def fn(x, t):
-        out = model_fn(x, t)
-        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
-        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
-        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
-    return fn
-
-
-def save_sample_settings(out, pixel_scale):
-    """out/sample.json: what `python sample.py --model <out>` needs besides the weights, so it takes no flags:
-    the pixel scale (its presence means pixel space: no VAE, no binning) and the folder of the run's
-    text_encoder/ and tokenizer/, relative to the run folder."""
-    with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(dict(pixel_scale=pixel_scale, components="."), f)
-
-
-def sample_settings(checkpoint):
-    """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
-    dict(text_encoder, tokenizer, vae=None, pixel_scale), laid out as hub.resolve_components'; None elsewhere."""
-    here = os.path.dirname(os.path.abspath(checkpoint))
-    for folder in (here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(folder, "sample.json")):
-            with open(os.path.join(folder, "sample.json")) as f:
-                settings = json.load(f)
-            comps = os.path.join(folder, settings["components"])
-            return dict(text_encoder=os.path.join(comps, "text_encoder"), vae=None, pixel_scale=settings["pixel_scale"],
-                        tokenizer=os.path.join(comps, "tokenizer", "spiece.model"))
-    return None
-
-
 GRID_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
                 "a yellow triangle on a black background", "a blue circle on a yellow background",
                 "a white square on a red background", "a black triangle on a green background",
@@ -215,16 +182,24 @@ def save_grid(images, prompts, path, tile=128):
     grid.save(path)
 
 
-def main(argv=None):
-    """python quickstart.py runs/quickstart: sample every caption of the dataset from a run's latest (EMA)
+def train(argv=None):
+    """python quickstart.py train [train.py flags]: train.main on the shapes, with this file's tokenizer, T5 and DiT."""
+    import train as trainer
+    return trainer.main(argv, dataset=lambda args: ShapesDataset(args.image_size),
+                        components=lambda args: components(args.out, args.seed),
+                        config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
+
+
+def evaluate(argv=None):
+    """python quickstart.py score runs/quickstart: sample every caption of the dataset from a run's latest (EMA)
     checkpoint as `sample.py --model <run>` does, and print score(): how many samples show the right shape
     and colours."""
     import argparse
     import numpy as np
     import hub
     import sample
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("run", help="a train.py --quickstart run folder (or one of its step_*/ checkpoints)")
+    p = argparse.ArgumentParser(prog="quickstart.py score", description=evaluate.__doc__)
+    p.add_argument("run", help="a quick-start run folder (or one of its step_*/ checkpoints)")
     p.add_argument("--n", type=int, default=2, help="samples per caption (seeds 1000, 1001, ...)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.5)
@@ -233,11 +208,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(args.run):
         raise SystemExit(f"quickstart.py: no such run {args.run!r}: "
-                         "`python train.py --quickstart` writes runs/quickstart")
+                         "`python quickstart.py train` writes runs/quickstart")
     path, name, _ = hub.resolve_model(args.run)
-    files = sample_settings(path)
-    if files is None:
-        raise SystemExit(f"quickstart.py: {args.run} is not a train.py --quickstart run (no sample.json beside it)")
+    files = hub.run_settings(path)
+    if files is None or not files["pixel_scale"]:
+        raise SystemExit(f"quickstart.py: {args.run} is not a quick-start run (no pixel-space sample.json beside it)")
     model = hub.load_model(path, name, None).eval()
     text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), t5lib.Tokenizer(files["tokenizer"])
     H = model.config.sample_size
@@ -256,5 +231,19 @@ def main(argv=None):
     return result
 
 
+COMMANDS = dict(train=train, score=evaluate)
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(__doc__.split("\n\n")[1] + f"\nquickstart.py: error: give a command: {', '.join(COMMANDS)}")
+    return COMMANDS[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad flags or files: the message, not a traceback
+        raise SystemExit(f"quickstart.py: error: {e}")

@@ -6,8 +6,8 @@ The pipeline, one model on the accelerator at a time:
   2. The DiT denoises Gaussian latents (1, 4, H/8, W/8) with classifier-free guidance, DPM-Solver++(2M)
      in 20 steps or IDDPM ancestral in ~100 (sigma.py, diffusion.py).
   3. The SDXL VAE decodes the latents, tiled above 2048² (vae.py).
-A train.py --quickstart run is a pixel-space model (quickstart.py): its sample.json says so and where its own T5 and
-tokenizer are; the DiT then denoises the image itself (1, 3, H, W) × pixel_scale, x̂0 clipped, with no VAE.
+A train.py run folder's sample.json names the components it trained with; a pixel-space run (the quick start,
+`python quickstart.py train`) has no VAE: the DiT denoises the image itself (1, 3, H, W) × pixel_scale, x̂0 clipped.
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
 runs on the larger grid through position-embedding interpolation. Weights (hub.py): the Hugging Face cache.
@@ -20,7 +20,7 @@ Examples:
     python sample.py "a lighthouse on a cliff at dawn" --size 4096 --kv-compress avgpool
     python sample.py --prompts-file prompts.txt --model 512 --size 512 --out previews
     python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
-    python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python train.py --quickstart
+    python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python quickstart.py train
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
 import argparse
@@ -37,7 +37,6 @@ from PIL.PngImagePlugin import PngInfo
 
 import diffusion
 import hub
-import quickstart
 import sizes
 import t5 as t5lib
 import vae as vaelib
@@ -62,7 +61,7 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
     is freed before the DiT runs. tokenizer: a t5.Tokenizer. size: (height, width) of the images. pixel_scale: a
-    pixel-space model (train.py --quickstart): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
+    pixel-space model (the quick start): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
     height, width = size
     # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
     # done here too, so the same prompt gives the same image in both.
@@ -85,7 +84,7 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
         g = torch.Generator("cpu").manual_seed(seed + k)  # this image's noise, drawn alone: batch-independent
         x = torch.randn((1, model.config.in_channels, gen_h // factor, gen_w // factor), generator=g).to(weight.device)
         model_fn = diffusion.guided(model, y[p:p + 1], mask[p:p + 1], y_neg, mask_neg, cfg)
-        model_fn = quickstart.clip_x0(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
+        model_fn = diffusion.clip_denoised(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
         if sampler == "dpm":
             x = diffusion.dpm_solver(model_fn, x, steps, progress=progress)  # (1, C, h, w)
         else:
@@ -188,8 +187,8 @@ def run(args):
     components = args.components
     if components is None and os.path.isdir(os.path.join(model_arg, "text_encoder")):
         components = model_arg  # a whole diffusers pipeline folder
-    files = quickstart.sample_settings(path) or hub.resolve_components(components, repo)  # sample.json of its run
-    pixel_scale = files.get("pixel_scale")  # pixel space (train.py --quickstart): no VAE, no aspect-ratio buckets
+    files = hub.run_settings(path) or hub.resolve_components(components, repo)  # a train.py run: its own components
+    pixel_scale = files.get("pixel_scale")  # pixel space (the quick start): no VAE, no aspect-ratio buckets
     model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
     tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent

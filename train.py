@@ -9,7 +9,7 @@ dropout of global micro-batch k are drawn from a generator seeded by (seed, k), 
 function of (seed, epoch) — so 2 ranks × batch B train exactly like 1 rank × 2B, and --resume continues
 the very same loss curve without storing any RNG state.
 
-    python train.py --quickstart                                   # CPU, no download: shapes in ~10 min
+    python quickstart.py train                                     # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
 
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import diffusion
-import quickstart
+import hub
 import sigma
 import t5
 from came import CAME
@@ -69,16 +69,16 @@ def parse_layers(spec, depth):
     return tuple(out)
 
 
-def build_model(args, device):
-    """--init: 'scratch', a released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
+def build_model(args, device, config=None):
+    """--init: 'scratch' (the released --config, or `config` when a caller such as the quick start gives one), a
+    released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
     latent = args.image_size // args.vae_factor
     if args.init == "scratch":
-        config, sd = sigma.SigmaConfig(**quickstart.DIT) if args.quickstart else sigma.CONFIGS[args.config], None
+        config, sd = config or sigma.CONFIGS[args.config], None
         config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation)
     else:
         path = args.init
-        if not os.path.exists(path):
-            import hub  # a released name -> the Hugging Face cache (sample.py's resolver)
+        if not os.path.exists(path):  # a released name -> the Hugging Face cache (sample.py's resolver)
             path = hub.resolve_model(path)[0]
         sd, config = sigma.read_state_dict(path)
         alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
@@ -91,7 +91,8 @@ def build_model(args, device):
             sd["y_embedder.y_embedding"] = torch.zeros(args.caption_tokens, config.caption_channels)
             config = replace(config, caption_tokens=args.caption_tokens)
     if latent != config.sample_size:  # stage 2: the position table is recomputed for the new grid
-        pe = args.pe_interpolation or args.image_size / 512
+        # positions keep their span: pe_interpolation grows with the size (released models: size/512)
+        pe = args.pe_interpolation or config.pe_interpolation * latent / config.sample_size
         print(f"model: training size {config.sample_size * args.vae_factor} -> {args.image_size} px: "
               f"sample_size {latent}, pe_interpolation {pe:g}")
         config = replace(config, sample_size=latent, pe_interpolation=pe)
@@ -102,14 +103,9 @@ def build_model(args, device):
     return model.to(device).train()
 
 
-def load_encoders(args, caption_tokens, device):
-    """-> encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
-    if args.quickstart:
-        comps = dict(text_encoder=os.path.join(args.out, "text_encoder"), vae=None,
-                     tokenizer=os.path.join(args.out, "tokenizer", "spiece.model"))
-    else:
-        import hub
-        comps = hub.resolve_components(args.components)
+def load_encoders(args, caption_tokens, device, comps):
+    """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) ->
+    encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
     tok = t5.Tokenizer(comps["tokenizer"], max_length=caption_tokens)
@@ -154,8 +150,13 @@ def latest_checkpoint(out):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, dataset=None, components=None, config=None, defaults=None):
+    """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
+    dataset: a Dataset of dict(index, image, captions) or dict(index, latent, y) items with a .buckets list, or a
+    function of the parsed args returning one (instead of --data); components: dict(text_encoder, tokenizer, vae)
+    paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
+    SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
+    args = parse_args(argv, defaults, need_data=dataset is None)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
@@ -166,15 +167,18 @@ def main(argv=None):
                          "continue it, or give another --out (or delete the folder) to start afresh")
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
-    if args.quickstart and master:
-        quickstart.components(args.out, args.seed)
-        quickstart.save_sample_settings(args.out, args.pixel_scale)  # `sample.py --model <out>` needs no flags
+    if callable(components) and master:
+        components = components(args)  # rank 0 writes them, the others read them after the barrier
     if world > 1:
-        dist.barrier()  # the others read what rank 0 wrote
+        dist.barrier()
+    if callable(components):
+        components = components(args)
+    if components is not None and master:  # `sample.py --model <out>` then needs no flags
+        hub.save_run_settings(args.out, components, None if components.get("vae") else args.pixel_scale)
     if resume:
         model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
-        model = build_model(args, device)
+        model = build_model(args, device, config)
     cfg = model.config
     model.gradient_checkpointing = args.grad_checkpoint
 
@@ -183,17 +187,21 @@ def main(argv=None):
     weights = torch.tensor([float(k.partition(":")[2] or 1) for k in args.caption_keys.split(",")])
     table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
     encoders, skipped = None, 0
-    if args.quickstart:
-        dataset = quickstart.ShapesDataset(args.image_size)
-    else:
+    comps = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
+    records = None
+    if dataset is None:
         records, skipped = data.scan(args.data, keys)
         dataset = data.ImageDataset(records, table)
-    if args.cache and not args.quickstart:
+    elif callable(dataset):
+        dataset = dataset(args)
+    if args.cache and not records:
+        raise ValueError("--cache builds from --data's images; this caller brings its own dataset")
+    if args.cache:
         # the VAE and T5 enter by name, not loaded: a valid cache needs neither
         fp = data.fingerprint(records, table, args.vae or args.components, args.components, cfg.caption_tokens)
         index = os.path.join(args.cache, "index.json")
         if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fp):
-            enc_img, enc_cap, _ = load_encoders(args, cfg.caption_tokens, device)
+            enc_img, enc_cap, _ = load_encoders(args, cfg.caption_tokens, device, comps())
             data.build_cache(args.cache, records, table, fp, enc_img, enc_cap, rank, world)
             if master:
                 y0, m0 = enc_cap([""])
@@ -210,10 +218,10 @@ def main(argv=None):
         null = load_file(os.path.join(args.cache, "null.safetensors"))
         y_null, m_null = null["y"], null["mask"]
     else:
-        encoders = load_encoders(args, cfg.caption_tokens, device)
+        encoders = load_encoders(args, cfg.caption_tokens, device, comps())
         y_null, m_null = (v[0].cpu() for v in encoders[1]([""]))
     if args.preview_every:  # encode the preview prompts now: T5 need not stay in memory
-        enc = encoders or load_encoders(args, cfg.caption_tokens, device)
+        enc = encoders or load_encoders(args, cfg.caption_tokens, device, comps())
         y_prev, m_prev = enc[1](args.preview_prompts.split("|"))
         decode, latent_hw = enc[2], (cfg.sample_size, cfg.sample_size)
         del enc
@@ -329,7 +337,7 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
         x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
         fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                               y_null, m_null, cfg)
-        fn = quickstart.clip_x0(fn, pixels) if pixels else fn
+        fn = diffusion.clip_denoised(fn, pixels) if pixels else fn
         x = diffusion.dpm_solver(fn, x, 20, False) if sampler == "dpm" else diffusion.ancestral(fn, x, 100, g, False)
         rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
@@ -339,13 +347,12 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, defaults=None, need_data=True):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass  # the docstring as written, and every flag's default
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
-    a("--quickstart", action="store_true", help="CPU demo, no download: synthetic shapes, tiny T5 and DiT")
     a("--data", help="folder of images + same-name .txt captions, or a .jsonl manifest")
     a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
     a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
@@ -387,14 +394,12 @@ def parse_args(argv=None):
     a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
     a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    args, _ = p.parse_known_args(argv)
-    if args.quickstart:  # quick-start defaults; flags given explicitly still win
-        p.set_defaults(**quickstart.DEFAULTS)
-    else:
-        p.set_defaults(vae_factor=8)
+    p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
     args = p.parse_args(argv)
-    if not args.quickstart and not args.data:
-        p.error("--data is required (or use --quickstart)")
+    if need_data and not args.data:
+        p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
+    if not need_data and args.data:
+        p.error("--data: this entry point trains on its own dataset; use train.py for your images")
     return args
 
 

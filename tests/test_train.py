@@ -25,7 +25,7 @@ TINY_DIT = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2)  # patched i
 
 
 def run_args(out, *extra):
-    return ["--quickstart", "--out", str(out), "--image-size", "16", "--batch-size", "4", "--log-every", "1",
+    return ["--out", str(out), "--image-size", "16", "--batch-size", "4", "--log-every", "1",
             "--warmup", "2", "--save-every", "1000", "--caption-dropout", "0.25", *map(str, extra)]
 
 
@@ -163,7 +163,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the loop
 def test_quickstart_loss_goes_down(tmp_path, tiny):
-    train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1, "--preview-every", 60))
+    quickstart.train(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1, "--preview-every", 60))
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert Image.open(tmp_path / "step_0000060" / "preview.png").size == (4 * 128, 4 * 128)  # 4 prompts × 4 seeds
     first, last = np.mean([r["loss"] for r in log[:10]]), np.mean([r["loss"] for r in log[-10:]])
@@ -178,14 +178,16 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     (same noise, CFG 4.5, x̂0 clipping, 20 DPM-Solver++ steps) within 1/255."""
     import sample
     run, prompt = tmp_path / "run", "a red circle on a blue background"
-    train.main(run_args(run, "--steps", 4, "--ema", 0.5, "--save-every", 2))
-    assert json.load(open(run / "sample.json")) == dict(pixel_scale=4.0, components=".")
+    quickstart.train(run_args(run, "--steps", 4, "--ema", 0.5, "--save-every", 2))
+    assert json.load(open(run / "sample.json")) == dict(text_encoder="text_encoder", tokenizer="tokenizer/spiece.model",
+                                                        vae=None, pixel_scale=4.0)
     assert sample.main([prompt, "--model", str(run), "--seed", "7", "--out", str(tmp_path / "out")]) == 0
     png = Image.open(tmp_path / "out" / "00000-7.png")
     assert png.size == (16, 16) and png.text["parameters"].startswith(prompt + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
     assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = sigma.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
-    encode_captions, decode = train.load_encoders(train.parse_args(run_args(run)), 16, torch.device("cpu"))[1:]
+    args = train.parse_args(run_args(run), quickstart.DEFAULTS, need_data=False)
+    encode_captions, decode = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))[1:]
     y, mask = encode_captions([prompt])
     y_null, m_null = (v[0] for v in encode_captions([""]))
     train.preview(model, y, mask, y_null, m_null, decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
@@ -197,22 +199,22 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
                         "--seed", "0", "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "00001-0.png").size == (32, 16)
     assert len(capsys.readouterr().out.split()) == 2  # one path printed per image
-    # `python quickstart.py <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
-    result = quickstart.main([str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
+    # `python quickstart.py score <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
+    result = quickstart.main(["score", str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
     assert set(result) == {"shape", "color", "rmse", "circle", "square", "triangle"} and 0 <= result["shape"] <= 1
     assert Image.open(tmp_path / "grid.png").size == (270 + 6 * 128, len(quickstart.GRID_PROMPTS) * 128)
     assert "right shape" in capsys.readouterr().out
     os.remove(run / "sample.json")
-    with pytest.raises(SystemExit, match="not a train.py --quickstart run"):
-        quickstart.main([str(run)])
+    with pytest.raises(SystemExit, match="not a quick-start run"):
+        quickstart.main(["score", str(run)])
     with pytest.raises(SystemExit, match="no such run"):
-        quickstart.main([str(tmp_path / "missing")])
+        quickstart.main(["score", str(tmp_path / "missing")])
 
 
 def test_resume_continues_exactly(tmp_path, tiny):
-    straight = weights(train.main(run_args(tmp_path / "a", "--steps", 5, "--ema", 0.9)))
-    train.main(run_args(tmp_path / "b", "--steps", 3, "--ema", 0.9))
-    resumed = weights(train.main(run_args(tmp_path / "b", "--steps", 5, "--ema", 0.9, "--resume")))
+    straight = weights(quickstart.train(run_args(tmp_path / "a", "--steps", 5, "--ema", 0.9)))
+    quickstart.train(run_args(tmp_path / "b", "--steps", 3, "--ema", 0.9))
+    resumed = weights(quickstart.train(run_args(tmp_path / "b", "--steps", 5, "--ema", 0.9, "--resume")))
     assert max_diff(straight, resumed) == 0.0
     ema_a, ema_b = (load_file(str(tmp_path / r / "step_0000005" / "ema.safetensors")) for r in "ab")
     assert max_diff(ema_a, ema_b) == 0.0 and max_diff(ema_a, straight) > 1e-4  # EMA state resumed too
@@ -221,11 +223,11 @@ def test_resume_continues_exactly(tmp_path, tiny):
     assert [r["loss"] for r in log] == [r["loss"] for r in ref]  # the same loss curve, step for step
     # the same command without --resume would train and keep none of it (the step folders exist): refused
     with pytest.raises(ValueError, match="already holds a run .latest: step_0000005.: add --resume"):
-        train.main(run_args(tmp_path / "b", "--steps", 5))
+        quickstart.train(run_args(tmp_path / "b", "--steps", 5))
 
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
-    train.main(run_args(tmp_path, "--steps", 2, "--save-every", 2))
+    quickstart.train(run_args(tmp_path, "--steps", 2, "--save-every", 2))
     good = weights(sigma.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
 
     def broken_save(obj, path):  # dies half-way through writing the trainer state
@@ -234,25 +236,25 @@ def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(train.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.main(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
+        quickstart.train(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
     monkeypatch.undo()
     assert open(tmp_path / "latest").read() == "step_0000002"
     latest = train.latest_checkpoint(str(tmp_path))
     assert max_diff(good, weights(sigma.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
     assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
-    train.main(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
+    quickstart.train(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
     assert open(tmp_path / "latest").read() == "step_0000003"
     # killed between renaming step_0000004 into place and moving `latest` to it: the resumed run redoes the step
     # and its save replaces that folder, and `latest` moves on
     os.makedirs(tmp_path / "step_0000004")
-    train.main(run_args(tmp_path, "--steps", 4, "--resume"))
+    quickstart.train(run_args(tmp_path, "--steps", 4, "--resume"))
     assert open(tmp_path / "latest").read() == "step_0000004"
     assert torch.load(tmp_path / "step_0000004" / "trainer.pt", weights_only=True)["step"] == 4
 
 
 def test_kill_9_never_corrupts_latest(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
+    cmd = [sys.executable, os.path.join(REPO, "quickstart.py"), "train", *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
                                                                        "--keep", 2)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -275,7 +277,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
     worker.write_text(
         f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\nfrom safetensors.torch import save_file\n"
         f"import quickstart\nquickstart.DIT.update({TINY_DIT!r})\n"
-        f"model = train.main(sys.argv[1:])\n"
+        f"model = quickstart.train(sys.argv[1:])\n"
         f"save_file(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
         f"'rank%s.safetensors' % os.environ['RANK']))\n")
     # AdamW: CAME's step is scale-free even for gradients that are analytically zero (attention key biases),
@@ -287,9 +289,9 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert max_diff(r0, r1) == 0.0  # identical on both ranks
-    single = weights(train.main(run_args(tmp_path / "one", "--steps", 3, "--batch-size", 4, "--optimizer", "adamw",
+    single = weights(quickstart.train(run_args(tmp_path / "one", "--steps", 3, "--batch-size", 4, "--optimizer", "adamw",
                                          "--lr", 1e-3)))
-    init = weights(train.main(run_args(tmp_path / "zero", "--steps", 0, "--batch-size", 4)))
+    init = weights(quickstart.train(run_args(tmp_path / "zero", "--steps", 0, "--batch-size", 4)))
     assert max_diff(single, init) > 1e-3  # it trained
     assert max_diff(r0, single) <= 1e-6
 
@@ -364,16 +366,38 @@ def test_stage_higher_resolution_recomputes_positions(tmp_path):
     torch.testing.assert_close(pos.view(16, 16, 64)[::2, ::2].reshape(64, 64), low)  # same span [0, 8)
 
 
+def test_stage_higher_resolution_keeps_the_position_span(tmp_path):
+    """pe_interpolation follows the size from the model's own value (old × new/old), for any base: the quick
+    start's 16 px at 1.0 -> 32 px at 2.0, as the released 512 px at 1.0 -> 1024 px at 2.0 (size/512)."""
+    for pixels, base_pe, factor, size, expected in [(16, 1.0, 1, 32, 2.0), (512, 1.0, 8, 1024, 2.0), (256, 0.5, 8, 2048, 4.0)]:
+        cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=16, caption_tokens=4,
+                                sample_size=pixels // factor, pe_interpolation=base_pe)
+        sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
+        args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
+                                 "--caption-tokens", "4"], dict(vae_factor=factor))
+        model = train.build_model(args, torch.device("cpu"))
+        assert (model.config.sample_size, model.config.pe_interpolation) == (size // factor, expected)
+
+
+def test_the_product_never_imports_the_demo():
+    import ast
+    for name in ("sample", "train", "hub", "sigma", "diffusion", "vae", "t5", "sizes", "data", "came"):
+        tree = ast.parse(open(os.path.join(REPO, name + ".py")).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
+        assert "quickstart" not in imported, f"{name}.py imports quickstart.py"
+
+
 def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
-    trained = train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0))
+    trained = quickstart.train(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0))
     ckpt = str(tmp_path / "step_0000060" / "model.safetensors")
-    args = train.parse_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"))
+    args = train.parse_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"), quickstart.DEFAULTS, False)
     kv = train.build_model(args, torch.device("cpu"))
     assert kv.config.kv_compress_layers == (1,) and hasattr(kv.blocks[1].attn, "sr")
     scratch = sigma.PixArtSigma(trained.config)
     ds = quickstart.ShapesDataset(16)
     items = [ds[10_000 + i] for i in range(64)]
-    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"))[1]
+    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"), quickstart.components(str(tmp_path)))[1]
     y, mask = text([it["captions"][0] for it in items])
     x0 = torch.stack([it["image"] for it in items]) * args.pixel_scale  # what the quick start trains on
     g = torch.Generator().manual_seed(0)
@@ -428,6 +452,6 @@ def test_quickstart_learns_shapes_and_colours(tmp_path):
     # quickstart.score over the 90 captions: 86% right shapes, 98% right colours at this length in a 1-thread
     # run, 82% / 99% in a 2-thread one (4 min 42 s); guessing: 33%, 3%. Without the T5's neighbour heads:
     # 13% right colours. Breaking the caption path or the loss fails it too.
-    train.main(["--quickstart", "--out", str(tmp_path), "--steps", "1500", "--preview-every", "0"])
-    result = quickstart.main([str(tmp_path), "--n", "1"])
+    quickstart.main(["train", "--out", str(tmp_path), "--steps", "1500", "--preview-every", "0"])
+    result = quickstart.main(["score", str(tmp_path), "--n", "1"])
     assert result["color"] >= 0.8 and result["shape"] >= 0.6, result
