@@ -59,13 +59,26 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.length
 
     @classmethod
-    def captions(cls):
-        return [f"a {c} {s} on a {b} background" for s in cls.SHAPES for c in cls.COLORS for b in cls.COLORS if b != c]
+    def captions(cls, held_out=None):
+        """The 90 captions; held_out=True: only the 15 never trained on, False: only the 75 trained on."""
+        every = [f"a {c} {s} on a {b} background" for s in cls.SHAPES for c in cls.COLORS for b in cls.COLORS if b != c]
+        return every if held_out is None else [c for c in every if (c in cls.held_out()) == held_out]
+
+    @classmethod
+    def held_out(cls):
+        """15 (shape, colour, background) combinations the data never shows, 5 per shape; every shape, colour and
+        background is still seen in 10 or more others, so a model that learned the words can draw them."""
+        C = list(cls.COLORS)
+        return {f"a {C[(2 * s + j) % 6]} {shape} on a {C[(2 * s + 2 * j + 1) % 6]} background"
+                for s, shape in enumerate(cls.SHAPES) for j in range(5)}
 
     def __getitem__(self, i):
-        rng = random.Random(i)
-        shape = rng.choice(self.SHAPES)
-        color, bg = rng.sample(list(self.COLORS), 2)
+        rng, held_out = random.Random(i), self.held_out()
+        while True:  # redraw the held-out combinations: they are for testing only
+            shape = rng.choice(self.SHAPES)
+            color, bg = rng.sample(list(self.COLORS), 2)
+            if f"a {color} {shape} on a {bg} background" not in held_out:
+                break
         r, (dy, dx) = rng.uniform(*self.RADIUS), (rng.uniform(-self.OFFSET, self.OFFSET) for _ in "yx")
         return dict(index=i, image=draw(shape, color, bg, self.size, r, dy, dx),
                     captions=[f"a {color} {shape} on a {bg} background"])
@@ -167,7 +180,7 @@ def neighbour_heads(model, offsets=(-1, 1, -2, 2), bias=10.0, gain=3.0):
 GRID_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
                 "a yellow triangle on a black background", "a blue circle on a yellow background",
                 "a white square on a red background", "a black triangle on a green background",
-                "a red triangle on a white background", "a green circle on a black background"]
+                "a red circle on a green background", "a yellow square on a black background"]  # last 3: held out
 
 
 def save_grid(images, prompts, path, tile=128):
@@ -219,15 +232,19 @@ def evaluate(argv=None):
     run = lambda prompts, n, seed: sample.generate(prompts, model, text, tok, None, size=(H, H), n=n, seed=seed,
                                                    steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                                                    binning=False, pixel_scale=files["pixel_scale"])
-    images = run(ShapesDataset.captions(), args.n, 1000)
-    x = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]  # (3, H, W) in [-1, 1]
-    result = score(x, [q for q in ShapesDataset.captions() for _ in range(args.n)])
+    result = {}
+    for part, held_out in (("seen", False), ("held_out", True)):  # trained-on captions, then the never-shown ones
+        prompts = [q for q in ShapesDataset.captions(held_out) for _ in range(args.n)]
+        images = run(ShapesDataset.captions(held_out), args.n, 1000)
+        x = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]  # (3, H, W) in [-1, 1]
+        r = result[part] = score(x, prompts)
+        print(f"{path}: {part.replace('_', '-')} captions, {len(x)} samples ({args.sampler}, {args.steps} steps, "
+              f"CFG {args.cfg:g}): right shape {r['shape']:.0%} (circle {r['circle']:.0%}, square {r['square']:.0%}, "
+              f"triangle {r['triangle']:.0%}), right colours {r['color']:.0%}, "
+              f"distance to the nearest drawing {r['rmse']:.3f} rms")
     if args.grid:
-        save_grid(run(GRID_PROMPTS, 6, 0), GRID_PROMPTS, args.grid)
-    print(f"{path}: {len(x)} samples ({args.sampler}, {args.steps} steps, CFG {args.cfg:g}): right shape "
-          f"{result['shape']:.0%} (circle {result['circle']:.0%}, square {result['square']:.0%}, "
-          f"triangle {result['triangle']:.0%}), right colours {result['color']:.0%}, "
-          f"distance to the nearest drawing {result['rmse']:.3f} rms")
+        labels = [p + (" (held out)" if p in ShapesDataset.held_out() else "") for p in GRID_PROMPTS]
+        save_grid(run(GRID_PROMPTS, 6, 0), labels, args.grid)
     return result
 
 

@@ -201,7 +201,8 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert len(capsys.readouterr().out.split()) == 2  # one path printed per image
     # `python quickstart.py score <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
     result = quickstart.main(["score", str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
-    assert set(result) == {"shape", "color", "rmse", "circle", "square", "triangle"} and 0 <= result["shape"] <= 1
+    assert set(result) == {"seen", "held_out"} and 0 <= result["held_out"]["shape"] <= 1
+    assert set(result["seen"]) == {"shape", "color", "rmse", "circle", "square", "triangle"}
     assert Image.open(tmp_path / "grid.png").size == (270 + 6 * 128, len(quickstart.GRID_PROMPTS) * 128)
     assert "right shape" in capsys.readouterr().out
     os.remove(run / "sample.json")
@@ -430,6 +431,17 @@ def test_quickstart_score_tells_shapes_and_colours_apart():
     assert quickstart.score(noisy, captions)["rmse"] > 0.7
 
 
+def test_quickstart_holds_captions_out_of_training():
+    """15 of the 90 combinations are never drawn for training; each of their words still is, in other captions."""
+    held, seen = set(quickstart.ShapesDataset.captions(True)), set(quickstart.ShapesDataset.captions(False))
+    assert len(held) == 15 and len(seen) == 75 and not held & seen
+    ds = quickstart.ShapesDataset(16)
+    drawn = {ds[i]["captions"][0] for i in range(3000)}
+    assert drawn == seen  # all the others are drawn, the held-out ones never
+    for word in {w for c in held for w in c.split()}:
+        assert sum(word in c.split() for c in seen) >= 10, word
+
+
 def test_quickstart_t5_tells_a_words_place(tmp_path):
     # neighbour_heads: "red" as the shape's colour and as the background's must get different vectors; a plain
     # random T5 of the same size gives nearly the same one (the reason the quick start does not use it)
@@ -454,4 +466,4 @@ def test_quickstart_learns_shapes_and_colours(tmp_path):
     # 13% right colours. Breaking the caption path or the loss fails it too.
     quickstart.main(["train", "--out", str(tmp_path), "--steps", "1500", "--preview-every", "0"])
     result = quickstart.main(["score", str(tmp_path), "--n", "1"])
-    assert result["color"] >= 0.8 and result["shape"] >= 0.6, result
+    assert result["seen"]["color"] >= 0.8 and result["seen"]["shape"] >= 0.6, result
