@@ -26,6 +26,7 @@ import sigma
 import sizes
 import t5 as t5lib
 import vae as vaelib
+from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_layout_is_the_released_one(components):
 def ours(root, prompt, size, seed, steps=5, binning=True, negative=""):
     model = sigma.load_checkpoint(f"{root}/transformer")
     t5model = t5lib.load_t5(f"{root}/text_encoder", dtype=torch.float32)
-    return sample.generate([prompt], model, t5model, t5lib.Tokenizer(f"{root}/tokenizer/spiece.model"),
+    return sample.generate([prompt], model, t5model, Tokenizer(f"{root}/tokenizer/spiece.model"),
                            vaelib.load_vae(f"{root}/vae"), negative=negative, size=size, steps=steps, seed=seed,
                            binning=binning, progress=False)[0]
 
@@ -144,7 +145,7 @@ def test_resize_and_crop_matches_diffusers():
 def test_images_match_diffusers_pipeline(components, size, binning, negative):
     """Same files, prompt, seed and steps through diffusers' PixArtSigmaPipeline: images within 1/255."""
     prompt = "A Small cactus with a happy face in the Sahara desert "
-    ids, mask = t5lib.Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
+    ids, mask = Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
     ref_tok = reference_tokenizer(components)(prompt.lower().strip(), padding="max_length", max_length=300)
     assert ids[0].tolist() == ref_tok.input_ids  # the two tokenizers agree: differences below are downstream
     pipe = diffusers_pipeline(components)
@@ -177,7 +178,7 @@ def test_t5_is_freed_before_the_dit_is_loaded(components):
         events.append("vae")
         return vaelib.load_vae(f"{components}/vae")
 
-    images = sample.generate(["a cat", "a dog"], load_dit, load_t5, t5lib.Tokenizer(f"{components}/tokenizer"), load_vae,
+    images = sample.generate(["a cat", "a dog"], load_dit, load_t5, Tokenizer(f"{components}/tokenizer"), load_vae,
                              size=(128, 128), steps=1, n=2, progress=False)
     assert events == ["t5", ("dit", True), "vae"]
     assert [im.size for im in images] == [(128, 128)] * 4

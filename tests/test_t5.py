@@ -12,6 +12,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import t5
+import tokenizer
 
 TINY = dict(vocab_size=512, d_model=64, d_ff=96, num_heads=4, d_kv=16, num_layers=3)
 
@@ -157,7 +158,7 @@ def tokenizers(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(folder / "spiece"), vocab_size=300, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)  # T5: nmt_nfkc rules
-    return t5.Tokenizer(str(folder / "spiece.model")), reference_tokenizer(str(folder))
+    return tokenizer.Tokenizer(str(folder / "spiece.model")), reference_tokenizer(str(folder))
 
 
 ALPHABET = list("abcdefkmnoprstuvxyz ,.!?'\"-") + [
