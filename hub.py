@@ -24,6 +24,7 @@ import re
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 import sigma
+import tokenizer
 
 # released name -> (diffusers repo, official .pth in PixArt-alpha/PixArt-Sigma); REFERENCE §6
 MODELS = {
@@ -89,11 +90,11 @@ def resolve_components(components=None, model_repo=None):
     """--components (a local folder or a Hub repo) -> dict of local paths: text_encoder, tokenizer, vae."""
     if components and os.path.isdir(components):
         found = {k: os.path.join(components, k) for k in ("text_encoder", "tokenizer", "vae")}
-        found["tokenizer"] = os.path.join(found["tokenizer"], "spiece.model")
         for k, p in found.items():
             if not os.path.exists(p):
                 raise FileNotFoundError(f"--components {components}: no {k} at {p} (expected the layout of "
                                         f"https://huggingface.co/{COMPONENTS_REPO}: text_encoder/, tokenizer/, vae/)")
+        found["tokenizer"] = tokenizer.find(found["tokenizer"])  # spiece.model, or tokenizer.json as transformers 5 saves
         return found
     repo = components or COMPONENTS_REPO
     if components is None and model_repo and cached(model_repo, [T5_INDEX] + OTHER_COMPONENTS):

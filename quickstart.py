@@ -10,7 +10,7 @@ This file is a user of the product (train.py, sample.py, t5.py): they never impo
   on the fly (item i from seed i: nothing to download, resumable like any dataset), near the centre, with
   a slightly random size and offset.
 - Text: a word-level sentencepiece model trained on those captions (T5's special ids: pad 0, eos 1, unk 2),
-  so t5.Tokenizer and sample.py load it like the real spiece.model; and a 2-layer T5 encoder with frozen
+  so tokenizer.Tokenizer and sample.py load it like the real spiece.model; and a 2-layer T5 encoder with frozen
   weights: random, except that its attention reads neighbours (neighbour_heads) — a plain random T5 hardly
   mixes tokens, so "red" meant nearly the same vector as the shape's colour and as the background's.
 - Pixel space, no VAE: the DiT denoises 16×16 RGB images directly (as DDPM/IDDPM did on pixels), so there is
@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 import sigma
 import t5 as t5lib
+from tokenizer import Tokenizer
 
 # train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
 DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
@@ -146,7 +147,7 @@ def components(folder, seed=0):
     if not os.path.exists(weights):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            cfg = t5lib.T5Config(vocab_size=t5lib.Tokenizer(spiece).sp.get_piece_size(), **T5)
+            cfg = t5lib.T5Config(vocab_size=Tokenizer(spiece).sp.get_piece_size(), **T5)
             save_file(neighbour_heads(t5lib.T5Encoder(cfg)).state_dict(), weights)
         json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
                   open(os.path.join(folder, "text_encoder", "config.json"), "w"))
@@ -227,7 +228,7 @@ def evaluate(argv=None):
     if files is None or not files["pixel_scale"]:
         raise SystemExit(f"quickstart.py: {args.run} is not a quick-start run (no pixel-space sample.json beside it)")
     model = hub.load_model(path, name, None).eval()
-    text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), t5lib.Tokenizer(files["tokenizer"])
+    text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
     H = model.config.sample_size
     run = lambda prompts, n, seed: sample.generate(prompts, model, text, tok, None, size=(H, H), n=n, seed=seed,
                                                    steps=args.steps, cfg=args.cfg, sampler=args.sampler,

@@ -40,6 +40,7 @@ import hub
 import sizes
 import t5 as t5lib
 import vae as vaelib
+from tokenizer import Tokenizer
 
 
 def _take(component):
@@ -60,7 +61,7 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
 
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
-    is freed before the DiT runs. tokenizer: a t5.Tokenizer. size: (height, width) of the images. pixel_scale: a
+    is freed before the DiT runs. tokenizer: a tokenizer.Tokenizer. size: (height, width) of the images. pixel_scale: a
     pixel-space model (the quick start): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
     height, width = size
     # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
@@ -190,7 +191,7 @@ def run(args):
     files = hub.run_settings(path) or hub.resolve_components(components, repo)  # a train.py run: its own components
     pixel_scale = files.get("pixel_scale")  # pixel space (the quick start): no VAE, no aspect-ratio buckets
     model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
-    tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
+    tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)

@@ -1,4 +1,4 @@
-"""The frozen text encoder of PixArt-Σ (arXiv 2403.04692): the T5 v1.1 XXL encoder and its tokenizer.
+"""The frozen text encoder of PixArt-Σ (arXiv 2403.04692): the T5 v1.1 XXL encoder (its tokenizer: tokenizer.py).
 
 PixArt-Σ conditions on the last hidden state of T5-XXL's encoder (Raffel et al., arXiv 1910.10683, the
 "v1.1" checkpoints), 300 tokens per prompt (PixArt-α: 120). How the v1.1 encoder differs from a textbook one:
@@ -12,7 +12,8 @@ Letters: N batch, L text tokens (300), D d_model (4096), H heads (64), F d_ff (1
 Modules are named after the checkpoint keys (shared, encoder.block.i.layer.0.SelfAttention.q, ...), so
 loading the released text_encoder/ folder is the identity.
 
-    tokenizer = Tokenizer("pixart_sigma_sdxlvae_T5_diffusers/tokenizer/spiece.model")
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer("pixart_sigma_sdxlvae_T5_diffusers/tokenizer")
     model = load_t5("pixart_sigma_sdxlvae_T5_diffusers/text_encoder", dtype=torch.bfloat16, device="cuda")
     y, mask = encode(model, tokenizer, ["a cat on a mat", ""])  # (2, 300, 4096), (2, 300); "" = null caption
 
@@ -24,12 +25,9 @@ without native bf16 matmuls fp32 may be faster: pass dtype=torch.float32 there.
 import json
 import math
 import os
-import re
 import struct
-import warnings
 from dataclasses import dataclass, fields
 
-import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,53 +136,6 @@ class T5Encoder(nn.Module):
         for block in self.encoder.block:
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
-
-
-class Tokenizer:
-    """T5's sentencepiece tokenizer with the ids and mask of transformers' T5Tokenizer(padding="max_length",
-    max_length=300, truncation=True): eos </s> (1) appended, no bos, padded with <pad> (0), cut to 299 tokens
-    + eos; mask 1 on real tokens and the eos. Like transformers, the strings </s>, <pad>, <unk>, <extra_id_N>
-    in a prompt become those ids, and U+0085/1680/2028/2029 (white space that sentencepiece's NFKC leaves
-    alone, but transformers' pre-tokenizer splits on) separate words."""
-
-    SPECIAL = re.compile(r"(</s>|<pad>|<unk>|<extra_id_[1-9]?\d>)")
-    SPACES = re.compile("[\x85\u1680\u2028\u2029]")
-
-    def __init__(self, spiece_model_path, max_length=300):
-        path = spiece_model_path
-        if os.path.isdir(path):
-            path = os.path.join(path, "spiece.model")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no sentencepiece model at {path}; pass the tokenizer/spiece.model file "
-                                    "(or its folder) of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
-        self.max_length = max_length
-        n = self.sp.get_piece_size()  # T5: 32000; the 100 sentinels follow in reverse: <extra_id_0> = 32099
-        self.special = {p: self.sp.piece_to_id(p) for p in ("<pad>", "</s>", "<unk>")}
-        if list(self.special.values()) != [0, 1, 2]:
-            raise ValueError(f"{path} is not a T5 sentencepiece model: <pad>, </s>, <unk> have ids "
-                             f"{list(self.special.values())}, T5 needs 0, 1, 2")
-        self.special |= {f"<extra_id_{i}>": n + 99 - i for i in range(100)}
-
-    def encode(self, text):
-        """Token ids of one prompt, without the eos."""
-        chunks = self.SPECIAL.split(self.SPACES.sub(" ", text))  # odd positions are special-token strings
-        return [i for j, c in enumerate(chunks) for i in ([self.special[c]] if j % 2 else self.sp.encode(c))]
-
-    def __call__(self, prompts):  # list of str -> ids (N, max_length) long, mask (N, max_length) long
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        ids = torch.full((len(prompts), self.max_length), self.special["<pad>"], dtype=torch.long)
-        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
-        for n, prompt in enumerate(prompts):
-            tokens = self.encode(prompt)
-            if len(tokens) > self.max_length - 1:
-                warnings.warn(f"prompt {n} has {len(tokens) + 1} tokens with the eos; T5 keeps the first "
-                              f"{self.max_length - 1} and the eos: {prompt[:60]!r}...")
-                tokens = tokens[: self.max_length - 1]
-            tokens.append(self.special["</s>"])
-            ids[n, : len(tokens)] = torch.tensor(tokens)
-            mask[n, : len(tokens)] = 1
-        return ids, mask
 
 
 @torch.inference_mode()

@@ -42,6 +42,7 @@ import hub
 import sigma
 import t5
 from came import CAME
+from tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup_ddp(device):
@@ -108,7 +109,7 @@ def load_encoders(args, caption_tokens, device, comps):
     encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
-    tok = t5.Tokenizer(comps["tokenizer"], max_length=caption_tokens)
+    tok = Tokenizer(comps["tokenizer"], max_length=caption_tokens)
     vae_path = args.vae or comps["vae"]
     if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
         encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)

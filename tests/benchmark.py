@@ -233,11 +233,12 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
     import sigma
     import t5
     import vae as vaelib
+    from tokenizer import Tokenizer
 
     cuda = device == "cuda"
     t5_config, vae_config = t5_config or t5.T5Config(), vae_config or vaelib.SDXL
     text_encoder = random_t5(t5_config, dtype, device)
-    tokenizer = t5.Tokenizer(spiece)
+    tokenizer = Tokenizer(spiece)
     vae = vaelib.AutoencoderKL(vae_config).to(device, dtype).eval()  # default init: random, fine for timing
     c = vae_config
     ref_vae = AutoencoderKL(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
@@ -316,13 +317,14 @@ def bench_pipeline():
     import sigma
     import t5
     import vae as vaelib
+    from tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_components(os.path.join(tmp, "pipeline"))
         pipe = diffusers_pipeline(root)
         pipe.set_progress_bar_config(disable=True)
         model, vae = sigma.load_checkpoint(f"{root}/transformer"), vaelib.load_vae(f"{root}/vae")
-        text_encoder, tokenizer = t5.load_t5(f"{root}/text_encoder", torch.float32), t5.Tokenizer(f"{root}/tokenizer")
+        text_encoder, tokenizer = t5.load_t5(f"{root}/text_encoder", torch.float32), Tokenizer(f"{root}/tokenizer")
         prompt = "a small cactus with a happy face in the sahara desert"
         report("pipeline 256², 20 steps, tiny weights, CPU", timeit(
             lambda: sample.generate([prompt], model, text_encoder, tokenizer, vae, size=(256, 256), progress=False)),

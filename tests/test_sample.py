@@ -26,6 +26,7 @@ import sigma
 import sizes
 import t5 as t5lib
 import vae as vaelib
+from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_layout_is_the_released_one(components):
 def ours(root, prompt, size, seed, steps=5, binning=True, negative=""):
     model = sigma.load_checkpoint(f"{root}/transformer")
     t5model = t5lib.load_t5(f"{root}/text_encoder", dtype=torch.float32)
-    return sample.generate([prompt], model, t5model, t5lib.Tokenizer(f"{root}/tokenizer/spiece.model"),
+    return sample.generate([prompt], model, t5model, Tokenizer(f"{root}/tokenizer/spiece.model"),
                            vaelib.load_vae(f"{root}/vae"), negative=negative, size=size, steps=steps, seed=seed,
                            binning=binning, progress=False)[0]
 
@@ -144,7 +145,7 @@ def test_resize_and_crop_matches_diffusers():
 def test_images_match_diffusers_pipeline(components, size, binning, negative):
     """Same files, prompt, seed and steps through diffusers' PixArtSigmaPipeline: images within 1/255."""
     prompt = "A Small cactus with a happy face in the Sahara desert "
-    ids, mask = t5lib.Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
+    ids, mask = Tokenizer(f"{components}/tokenizer/spiece.model")([prompt.lower().strip()])
     ref_tok = reference_tokenizer(components)(prompt.lower().strip(), padding="max_length", max_length=300)
     assert ids[0].tolist() == ref_tok.input_ids  # the two tokenizers agree: differences below are downstream
     pipe = diffusers_pipeline(components)
@@ -157,6 +158,34 @@ def test_images_match_diffusers_pipeline(components, size, binning, negative):
     assert a.shape == b.shape == (size[0], size[1], 3)
     assert a.std() > 10  # a real picture, not a flat colour
     assert np.abs(a - b).max() <= 1
+
+
+def test_pipeline_saved_by_diffusers(components, tmp_path, capsys):
+    """`sample.py --model FOLDER` on a pipeline written by diffusers' PixArtSigmaPipeline.save_pretrained (with
+    transformers 5: tokenizer/ holds tokenizer.json and no spiece.model) against diffusers' pipeline loaded back
+    from that folder: the same token ids, images within 1/255."""
+    pipe = diffusers_pipeline(components)
+    pipe.tokenizer = T5Tokenizer.from_pretrained(f"{components}/tokenizer")  # as diffusers loads it: with the charsmap
+    saved = tmp_path / "saved"
+    pipe.save_pretrained(saved)
+    assert (saved / "tokenizer" / "tokenizer.json").is_file() and not (saved / "tokenizer" / "spiece.model").exists()
+    ref = PixArtSigmaPipeline.from_pretrained(saved)
+    ref.set_progress_bar_config(disable=True)
+    prompt = "A Small cactus with a happy face in the Sahara desert "
+    ids = Tokenizer(str(saved / "tokenizer"))([prompt.lower().strip()])[0]
+    assert ids[0].tolist() == ref.tokenizer(prompt.lower().strip(), padding="max_length", max_length=300).input_ids
+    expected = ref(prompt, num_inference_steps=5, guidance_scale=4.5, height=240, width=200, clean_caption=False,
+                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    rc, _, err = cli(capsys, prompt, "--model", saved, "--size", "200x240", "--steps", 5, "--seed", 3, "--out",
+                     tmp_path / "out", "--device", "cpu")
+    assert rc == 0, err
+    a, b = np.asarray(expected, dtype=np.int16), pixels(tmp_path / "out" / "00000-3.png")
+    assert a.shape == b.shape == (240, 200, 3)
+    assert a.std() > 10  # a real picture, not a flat colour
+    assert np.abs(a - b).max() <= 1
+    os.remove(saved / "tokenizer" / "tokenizer.json")  # neither file: one line naming both
+    rc, _, err = cli(capsys, prompt, "--model", saved, "--out", tmp_path / "out")
+    assert rc == 2 and f"no tokenizer at {saved}/tokenizer: expected spiece.model or tokenizer.json" in err
 
 
 def test_t5_is_freed_before_the_dit_is_loaded(components):
@@ -177,7 +206,7 @@ def test_t5_is_freed_before_the_dit_is_loaded(components):
         events.append("vae")
         return vaelib.load_vae(f"{components}/vae")
 
-    images = sample.generate(["a cat", "a dog"], load_dit, load_t5, t5lib.Tokenizer(f"{components}/tokenizer"), load_vae,
+    images = sample.generate(["a cat", "a dog"], load_dit, load_t5, Tokenizer(f"{components}/tokenizer"), load_vae,
                              size=(128, 128), steps=1, n=2, progress=False)
     assert events == ["t5", ("dit", True), "vae"]
     assert [im.size for im in images] == [(128, 128)] * 4

@@ -1,4 +1,5 @@
-"""t5.py against transformers: bucket function, encoder on random weights, tokenizer, loading the released layout."""
+"""t5.py and tokenizer.py against transformers: bucket function, encoder on random weights, tokenizer (from
+spiece.model and from the tokenizer.json transformers saves), loading the released layout."""
 import json
 import os
 import random
@@ -12,6 +13,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import t5
+import tokenizer
 
 TINY = dict(vocab_size=512, d_model=64, d_ff=96, num_heads=4, d_kv=16, num_layers=3)
 
@@ -157,7 +159,22 @@ def tokenizers(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(folder / "spiece"), vocab_size=300, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)  # T5: nmt_nfkc rules
-    return t5.Tokenizer(str(folder / "spiece.model")), reference_tokenizer(str(folder))
+    return tokenizer.Tokenizer(str(folder / "spiece.model")), reference_tokenizer(str(folder))
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tokenizers, tmp_path_factory):
+    """The same tokenizer as transformers 5 saves it: tokenizer.json + tokenizer_config.json, no spiece.model."""
+    folder = tmp_path_factory.mktemp("saved")
+    tokenizers[1].save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").exists()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved_tokenizers(saved_folder):
+    """Ours and transformers' T5Tokenizer.from_pretrained (as diffusers loads a pipeline folder) on that folder."""
+    return tokenizer.Tokenizer(str(saved_folder)), T5Tokenizer.from_pretrained(str(saved_folder))
 
 
 ALPHABET = list("abcdefkmnoprstuvxyz ,.!?'\"-") + [
@@ -176,28 +193,52 @@ PROMPTS = [
 ]
 
 
-def test_tokenizer_matches_transformers(tokenizers):
-    ours, ref = tokenizers
+@pytest.mark.parametrize("source", ["tokenizers", "saved_tokenizers"])  # from spiece.model, from tokenizer.json
+def test_tokenizer_matches_transformers(source, request):
+    ours, ref = request.getfixturevalue(source)
     rng = random.Random(1)
     fuzz = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40))) for _ in range(1000)]
     prompts = PROMPTS + fuzz
     ids, mask = ours(prompts)
     want = ref(prompts, padding="max_length", max_length=300, truncation=True, return_tensors="pt")
     assert ids.shape == mask.shape == (len(prompts), 300)
-    for n in range(len(prompts)):
-        assert ids[n].tolist() == want["input_ids"][n].tolist(), repr(prompts[n])
-        assert mask[n].tolist() == want["attention_mask"][n].tolist(), repr(prompts[n])
+    wrong = [p for n, p in enumerate(prompts) if ids[n].tolist() != want["input_ids"][n].tolist()
+             or mask[n].tolist() != want["attention_mask"][n].tolist()]
+    assert not wrong, f"{len(wrong)} of {len(prompts)} prompts differ, e.g. {wrong[:3]}"
     assert ids[4, :2].tolist() == [1, 0] and mask[4, :2].tolist() == [1, 0]  # "" -> eos only
 
 
-def test_tokenizer_truncates_overlong_prompt_keeping_eos(tokenizers):
-    ours, ref = tokenizers
+@pytest.mark.parametrize("source", ["tokenizers", "saved_tokenizers"])
+def test_tokenizer_truncates_overlong_prompt_keeping_eos(source, request):
+    ours, ref = request.getfixturevalue(source)
     prompt = " ".join(WORDS * 20)  # ~800 words
     with pytest.warns(UserWarning, match="keeps the first 299"):
         ids, mask = ours([prompt, "a cat"])
     want = ref([prompt, "a cat"], padding="max_length", max_length=300, truncation=True, return_tensors="pt")
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
     assert ids[0, -1] == 1 and mask[0].all()
+
+
+def test_tokenizer_json_file_and_bad_tokenizer_folders(tokenizers, saved_folder, saved_tokenizers, tmp_path):
+    """tokenizer.json itself reads as its folder; a folder with neither file, or a tokenizer.json that is not
+    T5's kind: one error naming the file and what is expected."""
+    prompts = ["a red cat", "東京 </s> <extra_id_3> x<unk>y"]
+    ids = tokenizer.Tokenizer(str(saved_folder / "tokenizer.json"))(prompts)[0]
+    assert torch.equal(ids, saved_tokenizers[1](prompts, padding="max_length", max_length=300, return_tensors="pt")["input_ids"])
+    # where NFKC makes "<pad>", "</s>" or a sentinel out of other characters, these stay control pieces that
+    # sentencepiece never matches in text, as in spiece.model (transformers 5 matches them; the T5 PixArt used did not)
+    text = "＜pad＞ a﹤/s﹥ ＜extra_id_3＞"
+    assert saved_tokenizers[0].encode(text) == tokenizers[0].sp.encode(text)
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer at {tmp_path}: expected spiece.model or tokenizer.json"):
+        tokenizer.Tokenizer(str(tmp_path))
+    spec = json.load(open(saved_folder / "tokenizer.json"))
+    for change, message in [({"normalizer": None}, "a Precompiled normalizer"),
+                            ({"model": spec["model"] | {"type": "BPE"}}, "a Unigram model"),
+                            ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never"}},
+                             "prepends ▁ to every word")]:
+        json.dump(spec | change, open(tmp_path / "tokenizer.json", "w"))
+        with pytest.raises(ValueError, match=f"tokenizer.json is not a T5 tokenizer .*{message}"):
+            tokenizer.Tokenizer(str(tmp_path))
 
 
 def test_encode_end_to_end(tokenizers):

@@ -17,6 +17,7 @@ import diffusion
 import quickstart
 import sigma
 import t5
+import tokenizer
 import train
 from came import CAME
 
@@ -446,7 +447,7 @@ def test_quickstart_t5_tells_a_words_place(tmp_path):
     # neighbour_heads: "red" as the shape's colour and as the background's must get different vectors; a plain
     # random T5 of the same size gives nearly the same one (the reason the quick start does not use it)
     comps = quickstart.components(str(tmp_path))
-    tok = t5.Tokenizer(comps["tokenizer"], max_length=16)
+    tok = tokenizer.Tokenizer(comps["tokenizer"], max_length=16)
     prompts = ["a red circle on a blue background", "a blue circle on a red background"]
     cos = lambda y: torch.nn.functional.cosine_similarity(y[0, 1], y[1, 5], dim=0).item()  # "red" at 1 and at 5
     y, _ = t5.encode(t5.load_t5(comps["text_encoder"], dtype=torch.float32), tok, prompts)
