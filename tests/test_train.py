@@ -82,7 +82,7 @@ def test_nearest_bucket_and_crop():
     assert torch.allclose(x[:, :, 20:-20].mean((1, 2)), torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
     x = data.resize_cover_crop(Image.fromarray(img), (176, 352))  # nearly its own ratio: all three colours
     assert x.shape == (3, 176, 352) and x[0, :, :20].mean() > 0.9 and x[2, :, -20:].mean() > 0.9
-    with pytest.raises(ValueError, match="no bucket table for 300"):
+    with pytest.raises(ValueError, match="--image-size 300: no official bucket table"):
         data.bucket_table(300)
 
 
