@@ -443,9 +443,12 @@ def check_args(args, argv, own_components=False):
         or f == "--components" and own_components or f == "--vae" and args.vae_factor == 1)]
     if unused:
         raise ValueError(f"{unused[0][0]} {unused[0][1]}: it would have no effect; leave it out")
-    if args.preview_every % args.save_every:
+    if args.preview_every % args.save_every and "--preview-every" in given:
         raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple of "
                          f"--save-every {args.save_every}")
+    if args.preview_every % args.save_every and os.environ.get("RANK", "0") == "0":  # a caller's default cadence
+        print(f"train.py: previews are drawn at checkpoints: every {math.lcm(args.preview_every, args.save_every)} steps "
+              f"and at the end (--preview-every {args.preview_every} is no multiple of --save-every {args.save_every})")
     if args.image_size % (2 * args.vae_factor):  # the DiT's 2x2 patches of latents (pixels per latent: vae_factor)
         raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (2x2 patches of "
                          f"{'pixels' if args.vae_factor == 1 else 'the VAE latent, 8 px each'})")

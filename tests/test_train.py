@@ -1,6 +1,7 @@
 """train.py, data.py, came.py, quickstart.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,27 @@ def test_resume_continues_exactly(tmp_path, tiny):
     # the same command without --resume would train and keep none of it (the step folders exist): refused
     with pytest.raises(ValueError, match="already holds a run .latest: step_0000005.: add --resume"):
         quickstart.train(run_args(tmp_path / "b", "--steps", 5))
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, tiny, capsys):
+    """Killed after logging step 3 (and half of step 4's line) but before saving it: --resume trains 3 again from the
+    step-2 checkpoint, and log.jsonl is cut back to step 2 first, so it reads as one run, equal to a straight one."""
+    quickstart.train(run_args(tmp_path / "a", "--steps", 4))
+    run = tmp_path / "b"
+    quickstart.train(run_args(run, "--steps", 3, "--save-every", 2))
+    shutil.rmtree(run / "step_0000003")
+    (run / "latest").write_text("step_0000002")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    capsys.readouterr()
+    quickstart.train(run_args(run, "--steps", 4, "--resume"))
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == [r["loss"] for r in ref]
+    out = capsys.readouterr().out  # where the run goes at the start; how to use it at the end
+    assert f"train.py: run folder {run}: a checkpoint every 1000 steps and at step 4" in out
+    assert f'python sample.py --model {run} "a red circle on a blue background"' in out
+    assert f"python quickstart.py score {run}" in out
 
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
