@@ -57,6 +57,20 @@ def resize_cover_crop(img, hw):
 
 
 # ---------------------------------------------------------------------------------------------- datasets
+def caption_keys(text, manifest=True):
+    """--caption-keys 'caption:0.5,vlm_caption:0.5' -> (keys, weights (K,)); a folder (manifest=False) has one caption."""
+    parts = [k.partition(":") for k in text.split(",")]
+    try:
+        weights = [float(w or 1) for _, _, w in parts]
+    except ValueError:
+        weights = [-1.0]
+    if not all(k for k, _, _ in parts) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--caption-keys {text!r}: give KEY or KEY:WEIGHT,... with weights >= 0, not all 0")
+    if len(parts) > 1 and not manifest:
+        raise ValueError("--caption-keys: several keys need a .jsonl --data manifest (a folder has one caption per image)")
+    return [k for k, _, _ in parts], torch.tensor(weights)
+
+
 def scan(path, caption_keys=("caption",)):
     """List {image, captions, height, width} records of a folder or .jsonl manifest.
 

@@ -231,7 +231,7 @@ def evaluate(argv=None):
     if not os.path.exists(args.run):
         raise SystemExit(f"quickstart.py: no such run {args.run!r}: "
                          "`python quickstart.py train` writes runs/quickstart")
-    path, name, _ = hub.resolve_model(args.run)
+    path, name, _ = hub.resolve_model(args.run, "quickstart.py score")
     files = hub.run_settings(path)
     if files is None or not files["pixel_scale"]:
         raise SystemExit(f"quickstart.py: {args.run} is not a quick-start run (no pixel-space sample.json beside it)")

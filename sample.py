@@ -23,9 +23,7 @@ Examples:
     python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python quickstart.py train
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
-import argparse
 import gc
-import math
 import os
 import pathlib
 import random
@@ -37,6 +35,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import cli
 import diffusion
 import hub
 import sizes
@@ -117,22 +116,9 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each help text (except unset ones, whose help says what happens, and on/off flags,
-    whose default is the other state), examples verbatim."""
-    def _get_help_string(self, action):
-        unset = action.default is None or action.default is False or action.default == "" or action.nargs == 0
-        return action.help if unset else super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block first
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
-
-
 def build_parser():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-                                formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+                           formatter_class=cli.HelpFormatter)
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
@@ -169,30 +155,15 @@ def check_args(args):
     if not prompts:
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: write one per line" if args.prompts_file
                          else "no prompt: give one (quoted) or --prompts-file")
-    for flag, ok, rule in (("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
-                           ("--cfg", math.isfinite(args.cfg) and args.cfg >= 0, ">= 0 (1 = no guidance)"),
-                           ("--n", args.n >= 1, ">= 1")):
-        if not ok:
-            raise ValueError(f"{flag} {getattr(args, flag[2:])}: must be {rule}")
+    cli.check_ranges(args, [("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
+                            ("--cfg", args.cfg >= 0 and args.cfg != float("inf"), ">= 0 (1 = no guidance)"),
+                            ("--n", args.n >= 1, ">= 1")])
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: give a folder (created if missing)")
     if args.kv_compress:  # every released model has 28 blocks; a local one's depth is checked when it loads
         hub.parse_kv_compress(args.kv_compress, None if os.path.exists(args.model) else 28)
     hub.check_components(args.components)
-    return prompts, parse_device(args.device)
-
-
-def parse_device(text):
-    """--device -> torch.device, refused now when torch does not know it or this machine lacks it."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text}: not a device name; use cpu, cuda or cuda:N (mps on a Mac)") from None
-    try:
-        torch.empty(0, device=device)
-    except Exception as e:  # no CUDA build, no GPU, index out of range
-        raise ValueError(f"--device {text}: not available here ({str(e).splitlines()[0]}); use cpu") from None
-    return device
+    return prompts, cli.parse_device(args.device)
 
 
 def main(argv=None):

@@ -34,17 +34,18 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 import diffusion
 import hub
 import sigma
 import t5
 from came import CAME
-from sample import ArgumentParser, HelpFormatter, parse_device  # the CLIs' shared parts: one-line errors, help text
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup_ddp(device):
@@ -173,12 +174,21 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     if resume and (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
         raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
                          "to train on")
+    if resume:  # a resumed run keeps its model: a flag that would change it is refused, not ignored
+        with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
+            saved = json.loads(f.metadata()["sigma_config"])
+        layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
+        for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
+                                ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
+                                ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
+            if now != then:
+                raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
+                                 f"is; give the run's value, or start a new run with --init {resume}")
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
 
     # data first, shapes (quick start) or images: every image and caption is checked before a model is built
-    keys = [k.partition(":")[0] for k in args.caption_keys.split(",")]
-    weights = torch.tensor([float(k.partition(":")[2] or 1) for k in args.caption_keys.split(",")])
+    keys, weights = data.caption_keys(args.caption_keys)
     table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
     encoders, skipped, records = None, 0, None
     if dataset is None:
@@ -367,7 +377,7 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
 
 def parse_args(argv=None, defaults=None, need_data=True):
     # no abbreviated flags: check_args must see every flag given, as typed
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
     a = p.add_argument
     hidden = lambda text: text if need_data else argparse.SUPPRESS  # refused when the caller brings the dataset
     a("--data", help=hidden("folder of images + same-name .txt captions, or a .jsonl manifest"))
@@ -424,61 +434,54 @@ def check_args(args, argv, own_components=False):
     """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
     as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    for name, ok, rule in [(n, getattr(args, n) >= 1, ">= 1") for n in ("steps", "batch_size", "grad_accum", "save_every",
-                                                                        "log_every", "image_size", "caption_tokens")] + [
-            (n, getattr(args, n) >= 0, ">= 0") for n in ("warmup", "keep", "workers", "preview_every", "seed", "weight_decay")] + [
-            ("lr", args.lr > 0, "> 0"), ("clip", args.clip > 0, "> 0"), ("pixel_scale", args.pixel_scale > 0, "> 0"),
-            ("caption_dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("ema", 0 <= args.ema < 1, "in [0, 1) (0 = off)"),
-            ("pe_interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
-            ("kv_compress_ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")]:
-        if not ok:  # NaN fails every comparison, so it is refused too
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
-    unused = [(f, why) for f, why in (
-        ("--kv-compress-ratio", "needs --kv-compress-layers"), ("--preview-prompts", "needs --preview-every N"),
-        ("--preview-sampler", "needs --preview-every N"), ("--config", "applies to --init scratch only"),
-        ("--pixel-scale", "applies to pixel-space models (no VAE) only"), ("--components", "is set by this entry point"),
-        ("--vae", "has no use in pixel space")) if f in given and (
-        f == "--kv-compress-ratio" and not args.kv_compress_layers or f.startswith("--preview-") and not args.preview_every
-        or f == "--config" and args.init != "scratch" or f == "--pixel-scale" and args.vae_factor != 1
-        or f == "--components" and own_components or f == "--vae" and args.vae_factor == 1)]
-    if unused:
-        raise ValueError(f"{unused[0][0]} {unused[0][1]}: it would have no effect; leave it out")
-    if args.preview_every % args.save_every and "--preview-every" in given:
-        raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple of "
-                         f"--save-every {args.save_every}")
-    if args.preview_every % args.save_every and os.environ.get("RANK", "0") == "0":  # a caller's default cadence
-        print(f"train.py: previews are drawn at checkpoints: every {math.lcm(args.preview_every, args.save_every)} steps "
-              f"and at the end (--preview-every {args.preview_every} is no multiple of --save-every {args.save_every})")
-    if args.image_size % (2 * args.vae_factor):  # the DiT's 2x2 patches of latents (pixels per latent: vae_factor)
-        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (2x2 patches of "
-                         f"{'pixels' if args.vae_factor == 1 else 'the VAE latent, 8 px each'})")
+    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
+    cli.check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
+                                                                 "--log-every", "--image-size", "--caption-tokens")]
+                     + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
+                                                             "--weight-decay")]
+                     + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
+                        ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
+                        ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
+                        ("--kv-compress-ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")])
+    no_effect = {"--kv-compress-ratio": (not args.kv_compress_layers, "needs --kv-compress-layers"),  # flag: (useless?, why)
+                 "--preview-prompts": (not args.preview_every, "needs --preview-every N"),
+                 "--preview-sampler": (not args.preview_every, "needs --preview-every N"),
+                 "--config": (args.init != "scratch", "applies to --init scratch only"),
+                 "--pixel-scale": (args.vae_factor != 1, "applies to pixel-space models (no VAE) only"),
+                 "--components": (own_components, "is set by this entry point"),
+                 "--vae": (args.vae_factor == 1, "has no use in pixel space")}
+    for flag, (useless, why) in no_effect.items():
+        if flag in given and useless:
+            raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
+    if args.preview_every % args.save_every:  # previews are drawn with checkpoints
+        if "--preview-every" in given:
+            raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
+                             f"of --save-every {args.save_every}")
+        if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
+            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
+                  f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
+    if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
+        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
+                         f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
     if not args.no_buckets:
         data.bucket_table(args.image_size)  # its message names --no-buckets
-    parts = [k.partition(":") for k in args.caption_keys.split(",")]
-    try:
-        weights = [float(w or 1) for _, _, w in parts]
-    except ValueError:
-        weights = []
-    if not weights or not all(k for k, _, _ in parts) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--caption-keys {args.caption_keys!r}: give KEY or KEY:WEIGHT,... with weights >= 0, not all 0")
-    if len(parts) > 1 and not (args.data or "").endswith(".jsonl"):
-        raise ValueError("--caption-keys: several keys need a .jsonl --data manifest (a folder has one caption per image)")
+    data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
     if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
         raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")
-    if not [q for q in args.preview_prompts.split("|") if q.strip()]:
+    if not any(q.strip() for q in args.preview_prompts.split("|")):
         raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
     for flag, path in (("--out", args.out), ("--cache", args.cache)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
+        if path and os.path.isfile(path):
             raise ValueError(f"{flag} {path} is a file: give a folder (created if missing)")
-    if args.data and not os.path.exists(args.data):
-        raise ValueError(f"--data {args.data} does not exist (a folder of images + .txt captions or a .jsonl manifest)")
+    for flag, path in (("--data", args.data), ("--vae", args.vae)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
+                             if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
     if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
         hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
     hub.check_components(args.components)
-    if args.vae and not os.path.isdir(args.vae) and not os.path.isfile(args.vae):
-        raise ValueError(f"--vae {args.vae}: no such folder or file (a diffusers VAE folder or a single .safetensors)")
     if args.device:
-        parse_device(args.device)
+        cli.parse_device(args.device)
 
 
 def cut_log(path, step):

@@ -221,7 +221,7 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
     (["--config", "512", "--init", "1024"], False, "--config applies to --init scratch only"),
     (["--config", "4K"], False, "argument --config: invalid choice: '4K'"),
     (["--components", "./missing"], False, "--components ./missing: no such folder"),
-    (["--vae", "{root}/missing"], False, "--vae {root}/missing: no such folder or file"),
+    (["--vae", "{root}/missing"], False, "--vae {root}/missing does not exist"),
     (["--out", "{root}/text.txt"], False, "--out {root}/text.txt is a file"),
     (["--cache", "{root}/text.txt"], False, "--cache {root}/text.txt is a file"),
     (["--device", "gpu"], False, "--device gpu: not a device name"),
@@ -232,6 +232,10 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
     (["--vae", "{root}"], True, "--vae has no use in pixel space"),
     (["--batch-size", "0"], True, "--batch-size 0: must be >= 1"),
     (["--out", "{root}/done", "--resume", "--steps", "5"], True, "--steps 5: the run in {root}/done is already at step 5"),
+    (["--out", "{root}/run", "--resume", "--steps", "9", "--image-size", "32"], True,
+     "--image-size 32: the run in {root}/run has 16, and --resume continues its model as it is"),
+    (["--out", "{root}/run", "--resume", "--steps", "9", "--caption-tokens", "8"], True, "--caption-tokens 8: the run in"),
+    (["--out", "{root}/run", "--resume", "--steps", "9", "--kv-compress-layers", "0"], True, "--kv-compress-layers [0]: the run"),
     (["--out", "{root}/done", "--steps", "9"], True, "{root}/done already holds a run (latest: step_0000005): add --resume"),
 ]
 
@@ -245,6 +249,19 @@ def test_train_py_rows(argv, quick, message, files, capsys, tmp_path):
         argv = ["--out", str(tmp_path / "run"), *argv]
     rc = run_train(capsys, argv, quick)
     assert message.format(root=files) in one_line(capsys, rc)
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "give a command: train, score"),
+    (["score", "{root}/missing"], "no such run '{root}/missing'"),
+    (["score", "{root}/fresh"], "quickstart.py score {root}/fresh is a train.py run with no checkpoint yet"),
+    (["score", "{root}/run", "--n", "0"], "need --n >= 1"),
+    (["score", "{root}/run", "--steps", "0"], "1 <= --steps <= 1000"),
+])
+def test_quickstart_score_rows(argv, message, files, capsys):
+    with pytest.raises((SystemExit, ValueError)) as e:
+        quickstart.main([a.format(root=files) for a in argv])
+    assert message.format(root=files) in str(e.value).splitlines()[-1] and "Traceback" not in str(e.value)
 
 
 def test_train_py_skips_and_reports_images_without_captions(files, capsys):
