@@ -453,7 +453,7 @@ def check_args(args, argv, own_components=False):
     for flag, (useless, why) in no_effect.items():
         if flag in given and useless:
             raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
-    if args.preview_every % args.save_every:  # previews are drawn with checkpoints
+    if args.preview_every % args.save_every and args.preview_every < args.steps:  # previews are drawn with checkpoints
         if "--preview-every" in given:
             raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
                              f"of --save-every {args.save_every}")
