@@ -225,8 +225,8 @@ def evaluate(argv=None):
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ancestral"])
     p.add_argument("--grid", help="also save a labelled grid PNG here: GRID_PROMPTS × 6 seeds (the README's figure)")
     args = p.parse_args(argv)
-    if args.n < 1 or not 1 <= args.steps <= 1000 or not args.cfg >= 0:
-        raise SystemExit(f"quickstart.py: error: need --n >= 1, 1 <= --steps <= 1000 and --cfg >= 0; got --n {args.n}, "
+    if args.n < 1 or not 1 <= args.steps <= 1000 or not args.cfg >= 1:
+        raise SystemExit(f"quickstart.py: error: need --n >= 1, 1 <= --steps <= 1000 and --cfg >= 1; got --n {args.n}, "
                          f"--steps {args.steps}, --cfg {args.cfg}")
     if not os.path.exists(args.run):
         raise SystemExit(f"quickstart.py: no such run {args.run!r}: "

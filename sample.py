@@ -124,7 +124,7 @@ def build_parser():
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
     p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
@@ -156,8 +156,10 @@ def check_args(args):
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: write one per line" if args.prompts_file
                          else "no prompt: give one (quoted) or --prompts-file")
     cli.check_ranges(args, [("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
-                            ("--cfg", args.cfg >= 0 and args.cfg != float("inf"), ">= 0 (1 = no guidance)"),
+                            ("--cfg", 1 <= args.cfg < float("inf"), ">= 1 (1 = no guidance; diffusers too guides only above 1)"),
                             ("--n", args.n >= 1, ">= 1")])
+    if args.negative and args.cfg == 1:
+        raise ValueError("--negative has no effect with --cfg 1 (no guidance): give a --cfg above 1, or leave it out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: give a folder (created if missing)")
     if args.kv_compress:  # every released model has 28 blocks; a local one's depth is checked when it loads

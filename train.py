@@ -184,6 +184,9 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
             if now != then:
                 raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
                                  f"is; give the run's value, or start a new run with --init {resume}")
+        if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
+            raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
+                             "give its --ema again")
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
 

@@ -123,7 +123,9 @@ SAMPLE_ROWS = [  # (argv with {root} for the files fixture, what the line must s
     ([], "no prompt: give one (quoted) or --prompts-file"),
     (["a cat", "--steps", "0"], "--steps 0: must be from 1 to 1000"),
     (["a cat", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
-    (["a cat", "--cfg", "nan"], "--cfg nan: must be >= 0"),
+    (["a cat", "--cfg", "nan"], "--cfg nan: must be >= 1"),
+    (["a cat", "--cfg", "0.5"], "--cfg 0.5: must be >= 1 (1 = no guidance"),
+    (["a cat", "--cfg", "1", "--negative", "blurry"], "--negative has no effect with --cfg 1"),
     (["a cat", "--n", "0"], "--n 0: must be >= 1"),
     (["a cat", "--size", "1000x1001"], "--size must be a multiple of 8 on both sides (the VAE"),
     (["a cat", "--size", "9000"], "--size 9000x9000 is out of range"),
@@ -236,6 +238,8 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
      "--image-size 32: the run in {root}/run has 16, and --resume continues its model as it is"),
     (["--out", "{root}/run", "--resume", "--steps", "9", "--caption-tokens", "8"], True, "--caption-tokens 8: the run in"),
     (["--out", "{root}/run", "--resume", "--steps", "9", "--kv-compress-layers", "0"], True, "--kv-compress-layers [0]: the run"),
+    (["--out", "{root}/run", "--resume", "--steps", "9", "--ema", "0.9"], True, "--ema 0.9: the run in {root}/run was "
+                                                                                "trained without EMA"),
     (["--out", "{root}/done", "--steps", "9"], True, "{root}/done already holds a run (latest: step_0000005): add --resume"),
 ]
 
