@@ -190,8 +190,12 @@ def run_settings(checkpoint):
     for folder in (here, os.path.dirname(here)):
         path = os.path.join(folder, "sample.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                settings = json.load(f)
+            try:
+                with open(path) as f:
+                    settings = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--model {checkpoint}: {path} is not valid JSON ({e}); delete it and pass the run's "
+                                 "components with --components FOLDER") from None
             files = {k: settings.get(k) and os.path.join(folder, settings[k]) for k in ("text_encoder", "tokenizer", "vae")}
             for k, p in files.items():  # absolute paths stay as they are
                 if p and not os.path.exists(p):

@@ -113,14 +113,14 @@ def load_encoders(args, caption_tokens, device, comps):
     """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) ->
     encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
-    tok = t5.Tokenizer(comps["tokenizer"], max_length=caption_tokens)
+    text = hub.load("text encoder", comps["text_encoder"], t5.load_t5, dtype=dtype, device=device)  # damaged: one line
+    tok = hub.load("tokenizer", comps["tokenizer"], t5.Tokenizer, max_length=caption_tokens)
     vae_path = args.vae or comps["vae"]
     if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
         encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)
     else:
         import vae as vae_lib
-        vae = vae_lib.load_vae(vae_path, dtype=dtype, device=device).eval()
+        vae = hub.load("VAE", vae_path, vae_lib.load_vae, dtype=dtype, device=device).eval()
         encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
         decode = lambda z: vae.decode(z.to(dtype)).float()
     encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
@@ -175,8 +175,12 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
                          "to train on")
     if resume:  # a resumed run keeps its model: a flag that would change it is refused, not ignored
-        with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
-            saved = json.loads(f.metadata()["sigma_config"])
+        try:
+            with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
+                saved = json.loads(f.metadata()["sigma_config"])
+        except Exception as e:  # damaged, or not written by this train.py
+            raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
+                             "point 'latest' at an earlier step_N folder, or start a new run") from None
         layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
         for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
                                 ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
@@ -266,7 +270,11 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     step = 0
     if resume:
-        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+        try:
+            state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+        except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
+            raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
+                             "an earlier step_N folder") from None
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if ema is not None:

@@ -76,6 +76,13 @@ def files(tmp_path_factory):
     (root / "moved" / "latest").write_text("step_0000001")
     json.dump(dict(text_encoder="/gone/text_encoder", tokenizer="/gone/spiece.model", vae=None, pixel_scale=4.0),
               open(root / "moved" / "sample.json", "w"))
+    (root / "badjson" / "step_0000001").mkdir(parents=True)
+    shutil.copy(run / "step_0000005" / "model.safetensors", root / "badjson" / "step_0000001" / "model.safetensors")
+    (root / "badjson" / "latest").write_text("step_0000001")
+    (root / "badjson" / "sample.json").write_text("{not json")
+    (root / "broken" / "step_0000001").mkdir(parents=True)
+    (root / "broken" / "step_0000001" / "model.safetensors").write_text("cut short")
+    (root / "broken" / "latest").write_text("step_0000001")
     (root / "halfcomps" / "text_encoder").mkdir(parents=True)
     images = root / "images"
     images.mkdir()
@@ -111,6 +118,7 @@ SAMPLE_ROWS = [  # (argv with {root} for the files fixture, what the line must s
     (["a cat", "--model", "{root}/text.safetensors"], "--model {root}/text.safetensors: not a readable .safetensors"),
     (["a cat", "--model", "{root}/vae.safetensors"], "this .safetensors file holds no PixArt DiT"),
     (["a cat", "--model", "{root}/moved"], "the text_encoder named in {root}/moved/sample.json is missing"),
+    (["a cat", "--model", "{root}/badjson"], "{root}/badjson/sample.json is not valid JSON"),
     (["a cat", "--model", "3000"], "--model '3000' is neither a released model (256, 512, 1024, 2K)"),
     (["a cat", "--model", "1024"], "--model: cannot get transformer/config.json of https://huggingface.co/PixArt-alpha/"
                                    "PixArt-Sigma-XL-2-1024-MS: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"),
@@ -240,6 +248,7 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
     (["--out", "{root}/run", "--resume", "--steps", "9", "--kv-compress-layers", "0"], True, "--kv-compress-layers [0]: the run"),
     (["--out", "{root}/run", "--resume", "--steps", "9", "--ema", "0.9"], True, "--ema 0.9: the run in {root}/run was "
                                                                                 "trained without EMA"),
+    (["--out", "{root}/broken", "--resume", "--steps", "9"], True, "--resume: cannot read the config of {root}/broken"),
     (["--out", "{root}/done", "--steps", "9"], True, "{root}/done already holds a run (latest: step_0000005): add --resume"),
 ]
 
