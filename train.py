@@ -155,6 +155,35 @@ def latest_checkpoint(out):
     return os.path.join(out, open(pointer).read().strip()) if os.path.exists(pointer) else None
 
 
+def check_resume(args, resume):
+    """--out's latest checkpoint (or None) against the flags: a run is continued only with --resume, to a later
+    --steps, and with the model it has: a flag that would change it is refused, not ignored."""
+    if resume is None:
+        return
+    if not args.resume:  # a second run would mix its checkpoints with the first one's
+        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
+                         "continue it, or give another --out (or delete the folder) to start afresh")
+    if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
+        raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
+                         "to train on")
+    try:
+        with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
+            saved = json.loads(f.metadata()["sigma_config"])
+    except Exception as e:  # damaged, or not written by this train.py
+        raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
+                         "point 'latest' at an earlier step_N folder, or start a new run") from None
+    layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
+    for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
+                            ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
+                            ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
+        if now != then:
+            raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
+                             f"is; give the run's value, or start a new run with --init {resume}")
+    if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
+        raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
+                         "give its --ema again")
+
+
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
@@ -168,29 +197,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
     resume = latest_checkpoint(args.out)
-    if resume and not args.resume:  # a second run would mix its checkpoints with the first one's
-        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
-                         "continue it, or give another --out (or delete the folder) to start afresh")
-    if resume and (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
-        raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
-                         "to train on")
-    if resume:  # a resumed run keeps its model: a flag that would change it is refused, not ignored
-        try:
-            with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
-                saved = json.loads(f.metadata()["sigma_config"])
-        except Exception as e:  # damaged, or not written by this train.py
-            raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
-                             "point 'latest' at an earlier step_N folder, or start a new run") from None
-        layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
-        for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
-                                ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
-                                ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
-            if now != then:
-                raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
-                                 f"is; give the run's value, or start a new run with --init {resume}")
-        if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
-            raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
-                             "give its --ema again")
+    check_resume(args, resume)
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
 
