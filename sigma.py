@@ -449,7 +449,7 @@ def read_state_dict(src):
             sd = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"could not read {src} as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                             "loaded weights-only: no pickled code runs): is the file complete? download it again") from None
+                             "read weights only, no pickled code runs): is the file complete? download it again") from None
         sd, cfg = sd.get("state_dict", sd), None
     if any(k.startswith("transformer_blocks.") for k in sd):
         return convert_diffusers(sd), None
