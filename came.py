@@ -1,6 +1,6 @@
 """CAME: Confidence-guided Adaptive Memory Efficient optimizer (Luo et al., ACL 2023, arXiv 2307.02047).
 
-PixArt-α and PixArt-Σ train with CAME (REFERENCE §7: lr 2e-5, betas (0.9, 0.999, 0.9999),
+PixArt-α and PixArt-Σ train with CAME (the official PixArt-sigma configs: lr 2e-5, betas (0.9, 0.999, 0.9999),
 eps (1e-30, 1e-16), weight decay 0). It is Adafactor plus a confidence term:
 - the second moment of a matrix gradient G (R×C) is kept factored, as a row mean r (R,) and a column
   mean c (C,), so a 1152×4608 layer stores 5,760 numbers instead of 5.3M (Adafactor, arXiv 1804.04235);

@@ -34,8 +34,8 @@ def bucket_table(size):
     tables = json.load(open(TABLES))
     if f"ASPECT_RATIO_{size}" not in tables:
         sizes = [k.split("_")[-1] for k in tables if k.startswith("ASPECT_RATIO_") and not k.endswith("TEST")]
-        raise ValueError(f"no bucket table for {size} px; official tables exist for {', '.join(sizes)} "
-                         f"(or train square images with --no-buckets)")
+        raise ValueError(f"--image-size {size}: no official bucket table for it (there are tables for {', '.join(sizes)} "
+                         "px); or train square images with --no-buckets")
     return {k: tuple(v) for k, v in tables[f"ASPECT_RATIO_{size}"].items()}
 
 
@@ -57,33 +57,69 @@ def resize_cover_crop(img, hw):
 
 
 # ---------------------------------------------------------------------------------------------- datasets
+def caption_keys(text, manifest=True):
+    """--caption-keys 'caption:0.5,vlm_caption:0.5' -> (keys, weights (K,)); a folder (manifest=False) has one caption."""
+    parts = [k.partition(":") for k in text.split(",")]
+    try:
+        weights = [float(w or 1) for _, _, w in parts]
+    except ValueError:
+        weights = [-1.0]
+    if not all(k for k, _, _ in parts) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--caption-keys {text!r}: give KEY or KEY:WEIGHT,... with weights >= 0, not all 0")
+    if len(parts) > 1 and not manifest:
+        raise ValueError("--caption-keys: several keys need a .jsonl --data manifest (a folder has one caption per image)")
+    return [k for k, _, _ in parts], torch.tensor(weights)
+
+
 def scan(path, caption_keys=("caption",)):
     """List {image, captions, height, width} records of a folder or .jsonl manifest.
 
-    Unreadable images are skipped and counted: returns (records, skipped)."""
+    Unreadable images, and in a folder images without a caption (no or an empty .txt), are skipped, said and
+    counted: returns (records, skipped). No caption at all, or no image, is an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path} does not exist (a folder of images + .txt captions or a .jsonl)")
-    entries = []  # (image path, [captions])
+    entries, uncaptioned = [], []  # (image path, [captions]), image names
     if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTS:
-                txt = os.path.join(path, stem + ".txt")
+        images = [n for n in sorted(os.listdir(path)) if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+        if not images:
+            raise ValueError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) in this folder (subfolders are not searched)")
+        for name in images:
+            txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
+            try:
                 caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--data: cannot read the caption {txt} ({e}); captions are UTF-8 text files") from None
+            if caption:
                 entries.append((os.path.join(path, name), [caption]))
+            else:
+                uncaptioned.append(name)
+        if not entries:
+            raise ValueError(f"--data {path}: none of its {len(images)} images has a caption; write each one's caption "
+                             f"in a same-name .txt file ({images[0]} + {os.path.splitext(images[0])[0]}.txt)")
+        if uncaptioned:  # an empty caption would silently train the unconditional model
+            print(f"data: skipping {len(uncaptioned)} of {len(images)} images without a caption (no or an empty "
+                  f"same-name .txt): {', '.join(uncaptioned[:3])}{', ...' if len(uncaptioned) > 3 else ''}")
     else:
         root = os.path.dirname(os.path.abspath(path))
-        for n, line in enumerate(open(path, encoding="utf-8")):
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--data {path}: not a UTF-8 text file; give a folder of images or a .jsonl manifest") from None
+        for n, line in enumerate(lines):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            image = rec.get("image", rec.get("path"))
-            missing = [k for k in caption_keys if k not in rec]
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"--data {path} line {n + 1}: not JSON ({e}); a .jsonl manifest has one "
+                                 '{"image": ..., "caption": ...} object per line') from None
+            image = rec.get("image", rec.get("path")) if isinstance(rec, dict) else None
+            missing = [k for k in caption_keys if not isinstance(rec, dict) or k not in rec]
             if image is None or missing:
                 raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
                                  f"missing {missing or ['image']}")
             entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]))
-    records, skipped = [], 0
+    records, skipped = [], len(uncaptioned)
     for image, captions in entries:
         try:
             with Image.open(image) as im:  # reads the header only
@@ -95,7 +131,7 @@ def scan(path, caption_keys=("caption",)):
             continue
         records.append(dict(image=image, captions=captions, height=h, width=w))
     if not records:
-        raise ValueError(f"no readable images with captions found in {path}")
+        raise ValueError(f"--data {path}: none of its images could be read (see the lines above)")
     return records, skipped
 
 

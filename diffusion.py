@@ -182,7 +182,7 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
             # last step, to σ = 0: the first-order update below has σ_{t_M} = 0 and e^{−h} = 0, so it lands on
             # x_θ = E[x_0 | x_{t_{M−1}}] (t = 50 for 20 steps), slightly smoother than the ODE's own end point
             x = x0
-            break
+            continue  # not break: tqdm counts a step when the loop asks for the next one, so the bar reaches M/M
         h = lam[i + 1] - lam[i]
         if x0_prev is None:  # first step: no history yet, first order (DPM-Solver++1 = DDIM)
             D = x0

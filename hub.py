@@ -21,12 +21,14 @@ import json
 import os
 import re
 
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+import huggingface_hub
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from safetensors import safe_open
 
 import sigma
 import tokenizer
 
-# released name -> (diffusers repo, official .pth in PixArt-alpha/PixArt-Sigma); REFERENCE §6
+# released name -> (diffusers repo, official .pth in PixArt-alpha/PixArt-Sigma); the official repo's README lists them
 MODELS = {
     "256": ("PixArt-alpha/PixArt-Sigma-XL-2-256x256", "PixArt-Sigma-XL-2-256x256.pth"),
     "512": ("PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "PixArt-Sigma-XL-2-512-MS.pth"),
@@ -48,14 +50,25 @@ def model_name(name):
 
 
 def fetch(repo, filename, flag):
-    """Path of `filename` of Hub `repo` in the cache, downloading it first when allowed."""
+    """Path of `filename` of Hub `repo` in the cache, downloading it first when allowed. A file not cached yet fails
+    fast: at once when offline, and after one short request without network (huggingface_hub itself retries with
+    backoff for ~25 s when no cached copy exists)."""
+    where = f"{flag}: cannot get {filename} of https://huggingface.co/{repo}"
+    fix = f"or pass a local copy with {flag} PATH"
+    first_line = lambda e: f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not cached(repo, [filename]):
+        if huggingface_hub.constants.is_offline_mode():
+            raise FileNotFoundError(f"{where}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache "
+                                    f"({huggingface_hub.constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it, {fix}")
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=10, retry_on_errors=False)
+        except Exception as e:  # no network, gated, 404
+            raise FileNotFoundError(f"{where} ({first_line(e)}); connect to the internet to download it into the "
+                                    f"Hugging Face cache (log in first for a gated repo), {fix}") from None
     try:
         return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, no network, gated, 404: one clear message instead of a traceback
-        raise FileNotFoundError(
-            f"cannot get {filename} of https://huggingface.co/{repo} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Connect to the internet once (or unset HF_HUB_OFFLINE) to download it into the Hugging Face cache, "
-            f"or download that repository yourself and pass its local folder with {flag}") from None
+    except Exception as e:  # the download broke off: one clear message instead of a traceback
+        raise FileNotFoundError(f"{where} ({first_line(e)}); run the command again to resume, {fix}") from None
 
 
 def cached(repo, filenames):
@@ -64,37 +77,91 @@ def cached(repo, filenames):
     return paths if all(isinstance(p, str) for p in paths) else None
 
 
-def resolve_model(model):
-    """--model -> (local path for sigma.load_checkpoint, released name or None, diffusers repo or None)."""
+def check_model(path, flag="--model"):
+    """A local --model/--init path -> the checkpoint it stands for, checked without loading it: a diffusers pipeline or
+    transformer folder, a train.py run (its latest checkpoint) or step folder (EMA weights if kept), a .safetensors
+    file holding a DiT, or a torch .pth (a zip archive, or the older pickle format: read weights-only later)."""
+    accepted = ("give an official .pth, a diffusers pipeline or transformer folder, our .safetensors, or a train.py "
+                "run or step_N folder")
+    given = path
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):  # a whole diffusers pipeline folder
+            path = os.path.join(path, "transformer")
+        elif os.path.isfile(os.path.join(path, "latest")):  # a train.py run folder: its latest checkpoint
+            path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
+            if not os.path.isdir(path):
+                raise ValueError(f"{flag} {given}: its 'latest' names {os.path.basename(path)}, which is missing; "
+                                 "pass one of its step_N folders")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):  # a train.py checkpoint: EMA weights if kept
+            ema = os.path.join(path, "ema.safetensors")
+            path = ema if os.path.isfile(ema) else os.path.join(path, "model.safetensors")
+        elif any(os.path.isfile(os.path.join(path, f"diffusion_pytorch_model.safetensors{i}")) for i in ("", ".index.json")):
+            return path  # a diffusers transformer folder
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("log.jsonl", "sample.json")):
+            raise ValueError(f"{flag} {given} is a train.py run with no checkpoint yet (no 'latest'): the first one is "
+                             "written after --save-every steps; wait for it, or pass another model")
+        else:
+            raise ValueError(f"{flag} {given} is {'an empty folder' if not os.listdir(path) else 'a folder without a checkpoint'}: "
+                             + accepted)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(".safetensors"):
+        try:
+            with safe_open(path, "pt") as f:  # reads the header only
+                keys = list(f.keys())
+        except Exception as e:
+            raise ValueError(f"{flag} {given}: not a readable .safetensors file ({type(e).__name__}: {e}); "
+                             "if it was downloaded, download it again") from None
+        if not {"x_embedder.proj.weight", "pos_embed.proj.weight"} & set(keys):
+            raise ValueError(f"{flag} {given}: this .safetensors file holds no PixArt DiT (no x_embedder.proj.weight "
+                             f"or pos_embed.proj.weight; first keys: {keys[:3]}): {accepted}")
+    elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
+        raise ValueError(f"{flag} {given} is not a checkpoint (neither a torch .pth nor a .safetensors file): {accepted}")
+    return path
+
+
+def resolve_model(model, flag="--model"):
+    """--model (or train.py's --init) -> (local path for sigma.load_checkpoint, released name or None, diffusers repo or None)."""
     if os.path.exists(model):
-        if os.path.isdir(os.path.join(model, "transformer")):  # a whole diffusers pipeline folder
-            return os.path.join(model, "transformer"), None, None
-        if os.path.isfile(os.path.join(model, "latest")):  # a train.py run folder: its latest checkpoint
-            model = os.path.join(model, open(os.path.join(model, "latest")).read().strip())
-        if os.path.isfile(os.path.join(model, "model.safetensors")):  # a train.py checkpoint: EMA weights if kept
-            ema = os.path.join(model, "ema.safetensors")
-            return ema if os.path.isfile(ema) else os.path.join(model, "model.safetensors"), None, None
-        return model, None, None
+        return check_model(model, flag), None, None
     name = model_name(model)
     if name is None:
-        raise ValueError(f"--model {model!r} is neither a released model ({', '.join(MODELS)}) nor an existing "
+        raise ValueError(f"{flag} {model!r} is neither a released model ({', '.join(MODELS)}) nor an existing "
                          "file or folder (an official .pth, a diffusers transformer folder, our .safetensors or a train.py run)")
     repo, pth = MODELS[name]
     if not cached(repo, TRANSFORMER) and (official := cached(OFFICIAL_REPO, [pth])):
         return official[0], name, repo  # the user has the official .pth already: don't fetch a second copy
-    paths = [fetch(repo, f, "--model") for f in TRANSFORMER]
+    paths = [fetch(repo, f, flag) for f in TRANSFORMER]
     return os.path.dirname(paths[0]), name, repo
 
 
-def resolve_components(components=None, model_repo=None):
-    """--components (a local folder or a Hub repo) -> dict of local paths: text_encoder, tokenizer, vae."""
-    if components and os.path.isdir(components):
-        found = {k: os.path.join(components, k) for k in ("text_encoder", "tokenizer", "vae")}
-        for k, p in found.items():
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"--components {components}: no {k} at {p} (expected the layout of "
-                                        f"https://huggingface.co/{COMPONENTS_REPO}: text_encoder/, tokenizer/, vae/)")
-        found["tokenizer"] = tokenizer.find(found["tokenizer"])  # spiece.model, or tokenizer.json as transformers 5 saves
+def check_components(components, flag="--components"):
+    """A local --components folder must hold text_encoder/, tokenizer/ (spiece.model or tokenizer.json) and vae/ -> their paths; a Hub
+    repo id (owner/name) -> None, fetched later. Checked before anything is downloaded."""
+    if components is None or (not os.path.exists(components) and re.fullmatch(r"[\w.-]+/[\w.-]+", components)
+                               and not components.startswith(".")):
+        return None
+    if not os.path.isdir(components):
+        raise ValueError(f"{flag} {components}: no such folder (and not a Hub repo id such as {COMPONENTS_REPO})")
+    found = {k: os.path.join(components, k) for k in ("text_encoder", "tokenizer", "vae")}
+    for k, p in found.items():
+        if not os.path.exists(p):
+            raise ValueError(f"{flag} {components}: no {k} at {p} (expected the layout of "
+                             f"https://huggingface.co/{COMPONENTS_REPO}: text_encoder/, tokenizer/, vae/)")
+    try:  # spiece.model, or tokenizer.json as transformers 5 saves it
+        found["tokenizer"] = tokenizer.find(found["tokenizer"])
+    except FileNotFoundError as e:
+        raise ValueError(f"{flag} {components}: {e}") from None
+    return found
+
+
+def resolve_components(components=None, model_repo=None, model=None):
+    """--components (a local folder or a Hub repo) -> dict of local paths: text_encoder, tokenizer, vae. By default
+    those of a diffusers pipeline folder `model`, else of the model's repo when cached, else of COMPONENTS_REPO."""
+    if components is None and model and os.path.isdir(os.path.join(model, "text_encoder")):
+        components = model  # a whole diffusers pipeline folder
+    found = check_components(components)
+    if found:
         return found
     repo = components or COMPONENTS_REPO
     if components is None and model_repo and cached(model_repo, [T5_INDEX] + OTHER_COMPONENTS):
@@ -122,30 +189,41 @@ def save_run_settings(out, components, pixel_scale=None):
 
 def run_settings(checkpoint):
     """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
-    dict(text_encoder, tokenizer, vae, pixel_scale) with absolute paths; None when there is none."""
+    dict(text_encoder, tokenizer, vae, pixel_scale) with absolute paths, each checked to exist; None when there is none."""
     here = os.path.dirname(os.path.abspath(checkpoint))
     for folder in (here, os.path.dirname(here)):
         path = os.path.join(folder, "sample.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                settings = json.load(f)
-            path_of = lambda p: None if p is None else os.path.join(folder, p)  # absolute paths stay as they are
-            return dict({k: path_of(settings.get(k)) for k in ("text_encoder", "tokenizer", "vae")},
-                        pixel_scale=settings.get("pixel_scale"))
+            try:
+                with open(path) as f:
+                    settings = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--model {checkpoint}: {path} is not valid JSON ({e}); delete it and pass the run's "
+                                 "components with --components FOLDER") from None
+            files = {k: settings.get(k) and os.path.join(folder, settings[k]) for k in ("text_encoder", "tokenizer", "vae")}
+            for k, p in files.items():  # absolute paths stay as they are
+                if p and not os.path.exists(p):
+                    raise ValueError(f"--model {checkpoint}: the {k} named in {path} is missing ({p}; moved?): pass "
+                                     "the components with --components FOLDER")
+            return dict(files, pixel_scale=settings.get("pixel_scale"))
     return None
 
 
-def parse_kv_compress(text, depth):
-    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: deep half."""
+def parse_kv_compress(text, depth=None):
+    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: the deep half
+    of `depth` blocks (None: depth not known yet, only the syntax is checked and layers may be None)."""
     mode, _, layers = text.partition(":")
     if mode not in ("conv", "uniform", "avgpool"):
         raise ValueError(f"--kv-compress mode must be conv, uniform or avgpool, got {mode!r}")
     if not layers:
-        return mode, tuple(range(depth // 2, depth))  # paper Tab. 3d: compress only the deep half
+        return mode, depth and tuple(range(depth // 2, depth))  # paper Tab. 3d: compress only the deep half
     if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", layers):
         raise ValueError(f"--kv-compress layers must look like 14-27 or 0,1,20-27, got {layers!r}")
     spans = [tuple(map(int, s.split("-"))) for s in layers.split(",")]
-    return mode, tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
+    layers = tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
+    if depth and layers[-1] >= depth:
+        raise ValueError(f"--kv-compress {text}: the model has blocks 0-{depth - 1}, not {layers[-1]}")
+    return mode, layers
 
 
 def load(what, path, fn, *args, **kwargs):
@@ -167,7 +245,7 @@ def load_model(path, name=None, kv_compress=None):
     if kv_compress:
         mode, layers = parse_kv_compress(kv_compress, model.config.depth)
         if model.config.kv_compress_layers:
-            raise ValueError(f"{path} already has KV compression ({model.config.kv_compress_mode} in layers "
+            raise ValueError(f"--kv-compress: {path} already has KV compression ({model.config.kv_compress_mode} in layers "
                              f"{list(model.config.kv_compress_layers)}): leave out --kv-compress")
         config = dataclasses.replace(model.config, kv_compress_mode=mode, kv_compress_layers=layers)
         model = sigma.load_checkpoint(model.state_dict(), config)  # parameter-free modes, or a fresh averaging conv

@@ -199,9 +199,15 @@ def save_grid(images, prompts, path, tile=128):
 def train(argv=None):
     """python quickstart.py train [train.py flags]: train.main on the shapes, with this file's tokenizer, T5 and DiT."""
     import train as trainer
-    return trainer.main(argv, dataset=lambda args: ShapesDataset(args.image_size),
-                        components=lambda args: components(args.out, args.seed),
-                        config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
+    runs = []
+
+    def shapes(args):  # the dataset; notes the run folder for the last line
+        runs.append(args.out)
+        return ShapesDataset(args.image_size)
+    model = trainer.main(argv, dataset=shapes, components=lambda args: components(args.out, args.seed),
+                         config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
+    print(f"score it: python quickstart.py score {runs[0]}")
+    return model
 
 
 def evaluate(argv=None):
@@ -220,10 +226,13 @@ def evaluate(argv=None):
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ancestral"])
     p.add_argument("--grid", help="also save a labelled grid PNG here: GRID_PROMPTS × 6 seeds (the README's figure)")
     args = p.parse_args(argv)
+    if args.n < 1 or not 1 <= args.steps <= 1000 or not args.cfg >= 1:
+        raise SystemExit(f"quickstart.py: error: need --n >= 1, 1 <= --steps <= 1000 and --cfg >= 1; got --n {args.n}, "
+                         f"--steps {args.steps}, --cfg {args.cfg}")
     if not os.path.exists(args.run):
         raise SystemExit(f"quickstart.py: no such run {args.run!r}: "
                          "`python quickstart.py train` writes runs/quickstart")
-    path, name, _ = hub.resolve_model(args.run)
+    path, name, _ = hub.resolve_model(args.run, "quickstart.py score")
     files = hub.run_settings(path)
     if files is None or not files["pixel_scale"]:
         raise SystemExit(f"quickstart.py: {args.run} is not a quick-start run (no pixel-space sample.json beside it)")

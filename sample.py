@@ -23,9 +23,9 @@ Examples:
     python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python quickstart.py train
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
-import argparse
 import gc
 import os
+import pathlib
 import random
 import re
 import sys
@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import cli
 import diffusion
 import hub
 import sizes
@@ -116,22 +117,15 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each help text (except unset ones, whose help says what happens), examples verbatim."""
-    def _get_help_string(self, action):
-        unset = action.default is None or action.default is False or action.default == ""
-        return action.help if unset else super()._get_help_string(action)
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-                                formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+                           formatter_class=cli.HelpFormatter)
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
     p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
@@ -151,6 +145,30 @@ def build_parser():
     return p
 
 
+def check_args(args):
+    """Every check that needs no weights, before anything is loaded or downloaded -> (prompts, torch device)."""
+    try:
+        lines = pathlib.Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if args.prompts_file else []
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                         "give a UTF-8 text file with one prompt per line") from None
+    prompts = list(args.prompt) + [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: write one per line" if args.prompts_file
+                         else "no prompt: give one (quoted) or --prompts-file")
+    cli.check_ranges(args, [("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
+                            ("--cfg", 1 <= args.cfg < float("inf"), ">= 1 (1 = no guidance; diffusers too guides only above 1)"),
+                            ("--n", args.n >= 1, ">= 1")])
+    if args.negative and args.cfg == 1:
+        raise ValueError("--negative has no effect with --cfg 1 (no guidance): give a --cfg above 1, or leave it out")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: give a folder (created if missing)")
+    if args.kv_compress:  # every released model has 28 blocks; a local one's depth is checked when it loads
+        hub.parse_kv_compress(args.kv_compress, None if os.path.exists(args.model) else 28)
+    hub.check_components(args.components)
+    return prompts, cli.parse_device(args.device)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -162,44 +180,33 @@ def main(argv=None):
 
 
 def run(args):
-    # every check that needs no weights comes first
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError("no prompt: give one (quoted) or --prompts-file")
-    height, width = sizes.parse_size(args.size) if args.size else (None, None)
-    if not 1 <= args.steps <= diffusion.NUM_TIMESTEPS or args.cfg < 0 or args.n < 1:
-        raise ValueError(f"need 1 <= --steps <= {diffusion.NUM_TIMESTEPS}, --cfg >= 0 and --n >= 1; got --steps "
-                         f"{args.steps}, --cfg {args.cfg}, --n {args.n}")
-    if args.kv_compress:
-        hub.parse_kv_compress(args.kv_compress, 28)
-    model_arg = args.model
-    if model_arg == "auto":  # the native model for the size: 1024-MS up to ~1.5K, 2K-MS above
-        model_arg = "2K" if args.size and height * width > 1536 * 1536 else "1024"
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch has no CUDA device; use --device cpu")
+    prompts, device = check_args(args)
+    local = os.path.exists(args.model)
+    path, name, repo = hub.resolve_model(args.model) if local else (None, None, None)  # checked, not loaded yet
+    files = hub.run_settings(path) if local else None  # a train.py run: its own components
+    pixel_scale = files and files["pixel_scale"]  # pixel space (the quick start): no VAE, no aspect-ratio buckets
+    height, width = sizes.parse_size(args.size, latent=not pixel_scale) if args.size else (None, None)
+    if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
+        model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if args.model == "auto" else args.model
+        path, name, repo = hub.resolve_model(model_arg)  # from the Hugging Face cache, or downloaded
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
-
-    path, name, repo = hub.resolve_model(model_arg)
-    components = args.components
-    if components is None and os.path.isdir(os.path.join(model_arg, "text_encoder")):
-        components = model_arg  # a whole diffusers pipeline folder
-    files = hub.run_settings(path) or hub.resolve_components(components, repo)  # a train.py run: its own components
-    pixel_scale = files.get("pixel_scale")  # pixel space (the quick start): no VAE, no aspect-ratio buckets
-    model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
-    tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
+    model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 loads
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
     if gen_h * gen_w > 1.1 * trained**2:
-        print(f"sample.py: {gen_w}x{gen_h} is above the {name or path} model's training size {trained}²: the DiT runs "
-              "there through position-embedding interpolation (no released checkpoint was trained at this size)"
-              + ("" if args.kv_compress else "; --kv-compress avgpool makes it faster"), file=sys.stderr)
+        print(f"sample.py: {gen_w}x{gen_h} is above the training size {trained}² of {name or path}: the DiT runs on a larger "
+              "grid through position-embedding interpolation" + ((" (no released checkpoint was trained at this size)" +
+              ("" if args.kv_compress else "; --kv-compress avgpool makes it faster")) if name else ""), file=sys.stderr)
+    if files is None or args.components:  # T5 and the VAE: may download them
+        files = dict(hub.resolve_components(args.components, repo, args.model), pixel_scale=pixel_scale)
+    tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
+    for prompt in prompts + [args.negative]:  # any tokenizer: words it has no pieces for become <unk>
+        if unknown := [w for w in dict.fromkeys(prompt.lower().split()) if tokenizer.special["<unk>"] in tokenizer.encode(w)]:
+            print(f"sample.py: warning: the tokenizer does not know {', '.join(map(repr, unknown))} in {prompt!r}: "
+                  "they become <unk>, which the model cannot read", file=sys.stderr)
     seed = random.randrange(2**31) if args.seed is None else args.seed
     images = generate(
         prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),

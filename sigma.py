@@ -61,7 +61,7 @@ class SigmaConfig:
         return self.sample_size // self.patch_size
 
 
-# The released XL/2 models (REFERENCE §1): same network, different training resolution.
+# The released XL/2 models (PixArt-alpha/PixArt-Sigma-XL-2-*; their diffusers configs): same network, different training resolution.
 CONFIGS = {
     "256": SigmaConfig(sample_size=32, pe_interpolation=0.5),
     "512": SigmaConfig(sample_size=64, pe_interpolation=1.0),
@@ -448,7 +448,8 @@ def read_state_dict(src):
         try:
             sd = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"could not read {src} as a torch checkpoint (weights only, no pickled code): {e}") from None
+            raise ValueError(f"could not read {src} as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                             "read weights only, no pickled code runs): is the file complete? download it again") from None
         sd, cfg = sd.get("state_dict", sd), None
     if any(k.startswith("transformer_blocks.") for k in sd):
         return convert_diffusers(sd), None

@@ -24,15 +24,16 @@ MAX_AREA = 4096 * 4096  # the paper's largest images
 UPSCALE_ABOVE = 1.5  # buckets grow to the requested area only above 1.5x the training area; below, as diffusers
 
 
-def parse_size(text):
-    """'1024' | '2K' | 'WxH' -> (height, width), checked before any weight is loaded."""
+def parse_size(text, latent=True):
+    """'1024' | '2K' | 'WxH' -> (height, width), checked before any weight is loaded. latent=False: a pixel-space
+    model (the quick start), which has no VAE and so no multiple-of-8 rule (generation rounds up to whole patches)."""
     m = re.fullmatch(r"(\d+)(?:[x*](\d+))?", {"1K": "1024", "2K": "2048", "4K": "4096"}.get(text.upper(), text))
     if not m:
         raise ValueError(f"--size must be a number (1024, 2048, 4096) or WxH (e.g. 1344x768), got {text!r}")
     width, height = int(m[1]), int(m[2] or m[1])
-    if width % 8 or height % 8:
-        raise ValueError(f"--size must be a multiple of 8 on both sides (the VAE's factor), got {width}x{height}; "
-                         f"e.g. {8 * round(width / 8)}x{8 * round(height / 8)}")
+    if latent and (width % 8 or height % 8):  # as diffusers' pipeline requires: the VAE maps 8x8 pixels to 1 latent
+        raise ValueError(f"--size must be a multiple of 8 on both sides (the VAE turns 8x8 pixels into one latent), "
+                         f"got {width}x{height}; e.g. {8 * max(2, round(width / 8))}x{8 * max(2, round(height / 8))}")
     if min(width, height) < 16 or width * height > MAX_AREA:  # 16: the quick-start pixel-space model's size
         raise ValueError(f"--size {width}x{height} is out of range: sides from 16 px, at most 4096x4096 pixels in all")
     return height, width

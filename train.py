@@ -1,6 +1,6 @@
 """Fine-tune PixArt-Σ (arXiv 2403.04692) on your captioned images, one GPU or many, through the paper's
 "weak-to-strong" stages: a trained DiT is adapted to a stronger VAE, a higher resolution and KV compression
-at ~9% of the cost of training from scratch (paper §3, REFERENCE §7).
+at ~9% of the cost of training from scratch (paper §3).
 
 Recipe (official configs): CAME, lr 2e-5 × √(total batch / 256), warmup then constant, grad clip 0.01,
 bf16 autocast, gradient checkpointing, caption dropout 0.1 to the null caption T5(""), IDDPM loss
@@ -26,16 +26,20 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 import diffusion
 import hub
@@ -50,7 +54,7 @@ def setup_ddp(device):
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
@@ -76,11 +80,10 @@ def build_model(args, device, config=None):
     latent = args.image_size // args.vae_factor
     if args.init == "scratch":
         config, sd = config or sigma.CONFIGS[args.config], None
-        config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation)
+        config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation,
+                         caption_tokens=args.caption_tokens)
     else:
-        path = args.init
-        if not os.path.exists(path):  # a released name -> the Hugging Face cache (sample.py's resolver)
-            path = hub.resolve_model(path)[0]
+        path = hub.resolve_model(args.init, "--init")[0]  # a released name -> the Hugging Face cache (sample.py's resolver)
         sd, config = sigma.read_state_dict(path)
         alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
         if alpha:  # PixArt-α 1024-MS: Σ drops the size/aspect micro-conditions (paper §3)
@@ -97,9 +100,12 @@ def build_model(args, device, config=None):
         print(f"model: training size {config.sample_size * args.vae_factor} -> {args.image_size} px: "
               f"sample_size {latent}, pe_interpolation {pe:g}")
         config = replace(config, sample_size=latent, pe_interpolation=pe)
+    elif args.pe_interpolation and args.pe_interpolation != config.pe_interpolation:
+        print(f"model: pe_interpolation {config.pe_interpolation:g} -> {args.pe_interpolation:g} (--pe-interpolation)")
+        config = replace(config, pe_interpolation=args.pe_interpolation)
     if args.kv_compress_layers:  # stage 3: load_checkpoint gives the new conv/norm the paper's averaging init
         config = replace(config, kv_compress_layers=parse_layers(args.kv_compress_layers, config.depth),
-                         kv_compress_ratio=args.kv_compress_ratio)
+                         kv_compress_ratio=args.kv_compress_ratio or 2)
     model = sigma.PixArtSigma(config) if sd is None else sigma.load_checkpoint(sd, config)
     return model.to(device).train()
 
@@ -108,14 +114,14 @@ def load_encoders(args, caption_tokens, device, comps):
     """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) ->
     encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = t5.load_t5(comps["text_encoder"], dtype=dtype, device=device)
-    tok = Tokenizer(comps["tokenizer"], max_length=caption_tokens)
+    text = hub.load("text encoder", comps["text_encoder"], t5.load_t5, dtype=dtype, device=device)  # damaged: one line
+    tok = hub.load("tokenizer", comps["tokenizer"], Tokenizer, max_length=caption_tokens)
     vae_path = args.vae or comps["vae"]
     if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
         encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)
     else:
         import vae as vae_lib
-        vae = vae_lib.load_vae(vae_path, dtype=dtype, device=device).eval()
+        vae = hub.load("VAE", vae_path, vae_lib.load_vae, dtype=dtype, device=device).eval()
         encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
         decode = lambda z: vae.decode(z.to(dtype)).float()
     encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
@@ -150,6 +156,35 @@ def latest_checkpoint(out):
     return os.path.join(out, open(pointer).read().strip()) if os.path.exists(pointer) else None
 
 
+def check_resume(args, resume):
+    """--out's latest checkpoint (or None) against the flags: a run is continued only with --resume, to a later
+    --steps, and with the model it has: a flag that would change it is refused, not ignored."""
+    if resume is None:
+        return
+    if not args.resume:  # a second run would mix its checkpoints with the first one's
+        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
+                         "continue it, or give another --out (or delete the folder) to start afresh")
+    if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
+        raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
+                         "to train on")
+    try:
+        with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
+            saved = json.loads(f.metadata()["sigma_config"])
+    except Exception as e:  # damaged, or not written by this train.py
+        raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
+                         "point 'latest' at an earlier step_N folder, or start a new run") from None
+    layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
+    for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
+                            ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
+                            ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
+        if now != then:
+            raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
+                             f"is; give the run's value, or start a new run with --init {resume}")
+    if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
+        raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
+                         "give its --ema again")
+
+
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
@@ -158,16 +193,31 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
     SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
     args = parse_args(argv, defaults, need_data=dataset is None)
+    check_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
-    os.makedirs(args.out, exist_ok=True)
     resume = latest_checkpoint(args.out)
-    if resume and not args.resume:  # a second run would mix its checkpoints with the first one's
-        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
-                         "continue it, or give another --out (or delete the folder) to start afresh")
+    check_resume(args, resume)
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+
+    # data first, shapes (quick start) or images: every image and caption is checked before a model is built
+    keys, weights = data.caption_keys(args.caption_keys)
+    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
+    encoders, skipped, records = None, 0, None
+    if dataset is None:
+        records, skipped = data.scan(args.data, keys)
+        dataset = data.ImageDataset(records, table)
+    elif callable(dataset):
+        dataset = dataset(args)
+    if args.cache and records is None:
+        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
+    data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)  # refuses a batch no bucket fills
+    if master:
+        print(f"train.py: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
+              f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
+    os.makedirs(args.out, exist_ok=True)
     if callable(components) and master:
         components = components(args)  # rank 0 writes them, the others read them after the barrier
     if world > 1:
@@ -182,21 +232,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         model = build_model(args, device, config)
     cfg = model.config
     model.gradient_checkpointing = args.grad_checkpoint
-
-    # data: shapes (quick start), a feature cache, or images encoded on the fly
-    keys = [k.partition(":")[0] for k in args.caption_keys.split(",")]
-    weights = torch.tensor([float(k.partition(":")[2] or 1) for k in args.caption_keys.split(",")])
-    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
-    encoders, skipped = None, 0
     comps = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
-    records = None
-    if dataset is None:
-        records, skipped = data.scan(args.data, keys)
-        dataset = data.ImageDataset(records, table)
-    elif callable(dataset):
-        dataset = dataset(args)
-    if args.cache and not records:
-        raise ValueError("--cache builds from --data's images; this caller brings its own dataset")
     if args.cache:
         # the VAE and T5 enter by name, not loaded: a valid cache needs neither
         fp = data.fingerprint(records, table, args.vae or args.components, args.components, cfg.caption_tokens)
@@ -242,7 +278,11 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     step = 0
     if resume:
-        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+        try:
+            state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+        except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
+            raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
+                             "an earlier step_N folder") from None
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if ema is not None:
@@ -256,6 +296,8 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     stream = data.micro_batches(dataset, sampler, step * args.grad_accum, args.workers)
+    if resume and master:
+        cut_log(os.path.join(args.out, "log.jsonl"), step)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     B, G, seen, t_last = args.batch_size, args.batch_size * world, 0, time.time()
@@ -322,6 +364,10 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
             if world > 1:
                 dist.barrier()
     bar.close()
+    if master:
+        prompt = args.preview_prompts.split("|")[0]
+        print(f"train.py: done, step {step} in {latest_checkpoint(args.out)}; sample it with:\n"
+              f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
         dist.destroy_process_group()
     return model
@@ -349,25 +395,24 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
 
 
 def parse_args(argv=None, defaults=None, need_data=True):
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass  # the docstring as written, and every flag's default
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    # no abbreviated flags: check_args must see every flag given, as typed
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
     a = p.add_argument
-    a("--data", help="folder of images + same-name .txt captions, or a .jsonl manifest")
+    hidden = lambda text: text if need_data else argparse.SUPPRESS  # refused when the caller brings the dataset
+    a("--data", help=hidden("folder of images + same-name .txt captions, or a .jsonl manifest"))
     a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
     a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
     a("--no-buckets", action="store_true", help="one square bucket of --image-size instead of the 40 aspect ratios")
-    a("--cache", help="feature cache folder: encode once with T5 + VAE, then train without them")
+    a("--cache", help=hidden("feature cache folder: encode once with T5 + VAE, then train without them"))
     a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
     a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
     a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
-                                        "a diffusers folder or our .safetensors")
-    a("--config", default="1024", help="architecture for --init scratch: a released config name")
+                                        "a diffusers folder, our .safetensors or a train.py run (EMA weights if kept)")
+    a("--config", default="1024", choices=list(sigma.CONFIGS), help="architecture for --init scratch: a released config name")
     a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
-    a("--pe-interpolation", type=float, help="position-embedding scale when the size changes (default size/512)")
+    a("--pe-interpolation", type=float, help="position-embedding scale (default: the init's, × new/old size when --image-size changes it)")
     a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
-    a("--kv-compress-ratio", type=int, default=2, help="keys/values merged ratio×ratio")
+    a("--kv-compress-ratio", type=int, help="keys/values merged ratio×ratio (default 2)")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
     a("--resume", action="store_true", help="continue from --out/latest (same command line)")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
@@ -389,12 +434,12 @@ def parse_args(argv=None, defaults=None, need_data=True):
     a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
     a("--log-every", type=int, default=10, help="log every N steps")
-    a("--preview-every", type=int, default=0, help="save a sample grid with every N-th checkpoint (0 = off)")
+    a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
     a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
     a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--device", help="cuda or cpu (default: cuda when available)")
     p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
     args = p.parse_args(argv)
     if need_data and not args.data:
@@ -402,6 +447,77 @@ def parse_args(argv=None, defaults=None, need_data=True):
     if not need_data and args.data:
         p.error("--data: this entry point trains on its own dataset; use train.py for your images")
     return args
+
+
+def check_args(args, argv, own_components=False):
+    """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
+    as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
+    cli.check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
+                                                                 "--log-every", "--image-size", "--caption-tokens")]
+                     + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
+                                                             "--weight-decay")]
+                     + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
+                        ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
+                        ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
+                        ("--kv-compress-ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")])
+    no_effect = {"--kv-compress-ratio": (not args.kv_compress_layers, "needs --kv-compress-layers"),  # flag: (useless?, why)
+                 "--preview-prompts": (not args.preview_every, "needs --preview-every N"),
+                 "--preview-sampler": (not args.preview_every, "needs --preview-every N"),
+                 "--config": (args.init != "scratch", "applies to --init scratch only"),
+                 "--pixel-scale": (args.vae_factor != 1, "applies to pixel-space models (no VAE) only"),
+                 "--components": (own_components, "is set by this entry point"),
+                 "--vae": (args.vae_factor == 1, "has no use in pixel space")}
+    for flag, (useless, why) in no_effect.items():
+        if flag in given and useless:
+            raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
+    if args.preview_every % args.save_every and args.preview_every < args.steps:  # previews are drawn with checkpoints
+        if "--preview-every" in given:
+            raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
+                             f"of --save-every {args.save_every}")
+        if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
+            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
+                  f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
+    if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
+        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
+                         f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
+    if not args.no_buckets:
+        data.bucket_table(args.image_size)  # its message names --no-buckets
+    data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
+    if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
+        raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")
+    if not any(q.strip() for q in args.preview_prompts.split("|")):
+        raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
+    for flag, path in (("--out", args.out), ("--cache", args.cache)):
+        if path and os.path.isfile(path):
+            raise ValueError(f"{flag} {path} is a file: give a folder (created if missing)")
+    for flag, path in (("--data", args.data), ("--vae", args.vae)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
+                             if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
+    if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
+        hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
+    hub.check_components(args.components)
+    if args.device:
+        cli.parse_device(args.device)
+
+
+def cut_log(path, step):
+    """On --resume: log.jsonl back to the checkpoint's step. The steps logged after it (before a kill) are trained
+    again, so the log reads as one run; a line cut short by the kill goes too."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line.rstrip("\n") + "\n")
+        except ValueError:
+            pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -393,7 +393,7 @@ def bench_train():
                 label = f"train step {px}² batch {N}{' bf16' if cuda else ''}{' +grad ckpt' if ckpt else ''}"
                 report(label, s_ours, s_ref)
                 T, D = side * side // 4, config.hidden_size
-                flops = 3 * N * (2 * 0.52e9 * T + config.depth * 4 * T * T * D)  # fwd + bwd ≈ 3 forwards (REFERENCE §8)
+                flops = 3 * N * (2 * 0.52e9 * T + config.depth * 4 * T * T * D)  # fwd + bwd ≈ 3 forwards (a backward costs ~2)
                 print(f"{'':<48} {N / s_ours:8.1f} images/s"
                       + (f", MFU {flops / s_ours / 989e12:5.1%} of 989 TFLOP/s" if cuda else ""), flush=True)
             if cuda:

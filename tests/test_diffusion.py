@@ -103,6 +103,13 @@ def test_ancestral_matches_diffusers_ddpm(steps, variance):
     assert (out - xr).abs().max() <= 1e-4  # diffusers keeps ᾱ in float32
 
 
+@pytest.mark.parametrize("sampler", [diffusion.dpm_solver, diffusion.ancestral])
+def test_progress_bar_reaches_the_last_step(sampler, capsys):
+    calls = []
+    sampler(lambda x, t: calls.append(t) or torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 2, 2), 5)
+    assert len(calls) == 5 and "| 5/5 [" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
 def test_dpm_solver_closed_form():
     mu, s = 0.5, 1.5
     out = diffusion.dpm_solver(gaussian_eps(mu, s), torch.randn(20000, 1, 1, 1), steps=20, progress=False)

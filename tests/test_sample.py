@@ -332,22 +332,7 @@ def test_hub_prefers_what_is_already_cached(components, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "3000"], "--model '3000' is neither a released model (256, 512, 1024, 2K)"),
-    (["--size", "1000x1001"], "--size must be a multiple of 8 on both sides"),
-    (["--size", "9000"], "out of range"),
-    (["--size", "big"], "--size must be a number"),
-    (["--steps", "0"], "need 1 <= --steps <= 1000"),
-    (["--cfg", "-1"], "--cfg >= 0"),
-    (["--kv-compress", "maxpool"], "--kv-compress mode must be conv, uniform or avgpool"),
-    (["--prompts-file", "/nonexistent/prompts.txt"], "/nonexistent/prompts.txt"),
-])
-def test_bad_arguments_fail_before_loading(args, message, tmp_path, capsys):
-    corrupt = tmp_path / "bad.pth"  # would fail if anything were loaded: the argument check must come first
-    corrupt.write_bytes(b"not a checkpoint")
-    rc, _, err = cli(capsys, "a cat", "--model", corrupt, *args)
-    assert rc == 2 and message in err, err
-
+# (each bad argument, before anything loads: tests/test_cli.py)
 
 def test_missing_weights_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))

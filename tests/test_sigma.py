@@ -68,7 +68,7 @@ def test_matches_diffusers_full_xl2():
     config = sigma.CONFIGS["1024"]
     ref = diffusers_model(config, std=0.02)
     model = sigma.load_checkpoint(ref.state_dict(), config)
-    assert sum(p.numel() for p in model.parameters()) == 610_856_096  # REFERENCE §1
+    assert sum(p.numel() for p in model.parameters()) == 610_856_096  # the released XL/2 checkpoints' count
     x, t, y, mask = inputs(config, N=2, H=8, W=12, lengths=(7, 120))
     with torch.no_grad():
         out = model(x, t, y, mask)

@@ -1,6 +1,7 @@
 """train.py, data.py, came.py, quickstart.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_nearest_bucket_and_crop():
     assert torch.allclose(x[:, :, 20:-20].mean((1, 2)), torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
     x = data.resize_cover_crop(Image.fromarray(img), (176, 352))  # nearly its own ratio: all three colours
     assert x.shape == (3, 176, 352) and x[0, :, :20].mean() > 0.9 and x[2, :, -20:].mean() > 0.9
-    with pytest.raises(ValueError, match="no bucket table for 300"):
+    with pytest.raises(ValueError, match="--image-size 300: no official bucket table"):
         data.bucket_table(300)
 
 
@@ -180,6 +181,7 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     import sample
     run, prompt = tmp_path / "run", "a red circle on a blue background"
     quickstart.train(run_args(run, "--steps", 4, "--ema", 0.5, "--save-every", 2))
+    capsys.readouterr()  # train.py's lines: where the run is, how to sample it
     assert json.load(open(run / "sample.json")) == dict(text_encoder="text_encoder", tokenizer="tokenizer/spiece.model",
                                                         vae=None, pixel_scale=4.0)
     assert sample.main([prompt, "--model", str(run), "--seed", "7", "--out", str(tmp_path / "out")]) == 0
@@ -226,6 +228,27 @@ def test_resume_continues_exactly(tmp_path, tiny):
     # the same command without --resume would train and keep none of it (the step folders exist): refused
     with pytest.raises(ValueError, match="already holds a run .latest: step_0000005.: add --resume"):
         quickstart.train(run_args(tmp_path / "b", "--steps", 5))
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, tiny, capsys):
+    """Killed after logging step 3 (and half of step 4's line) but before saving it: --resume trains 3 again from the
+    step-2 checkpoint, and log.jsonl is cut back to step 2 first, so it reads as one run, equal to a straight one."""
+    quickstart.train(run_args(tmp_path / "a", "--steps", 4))
+    run = tmp_path / "b"
+    quickstart.train(run_args(run, "--steps", 3, "--save-every", 2))
+    shutil.rmtree(run / "step_0000003")
+    (run / "latest").write_text("step_0000002")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    capsys.readouterr()
+    quickstart.train(run_args(run, "--steps", 4, "--resume"))
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == [r["loss"] for r in ref]
+    out = capsys.readouterr().out  # where the run goes at the start; how to use it at the end
+    assert f"train.py: run folder {run}: a checkpoint every 1000 steps and at step 4" in out
+    assert f'python sample.py --model {run} "a red circle on a blue background"' in out
+    assert f"python quickstart.py score {run}" in out
 
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
@@ -293,7 +316,9 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny):
     assert max_diff(r0, r1) == 0.0  # identical on both ranks
     single = weights(quickstart.train(run_args(tmp_path / "one", "--steps", 3, "--batch-size", 4, "--optimizer", "adamw",
                                          "--lr", 1e-3)))
-    init = weights(quickstart.train(run_args(tmp_path / "zero", "--steps", 0, "--batch-size", 4)))
+    args = train.parse_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
+    torch.manual_seed(args.seed)  # as train.main before it builds the model
+    init = weights(train.build_model(args, torch.device("cpu"), sigma.SigmaConfig(**quickstart.DIT)))
     assert max_diff(single, init) > 1e-3  # it trained
     assert max_diff(r0, single) <= 1e-6
 
