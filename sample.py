@@ -21,6 +21,7 @@ Examples:
     python sample.py --prompts-file prompts.txt --model 512 --size 512 --out previews
     python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
     python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python train.py --quickstart
+    python sample.py "a cat in the style of my photos" --lora runs/mylora:0.8        # a LoRA (train.py --lora-rank, PEFT)
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
 import argparse
@@ -37,6 +38,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import diffusion
 import hub
+import lora
 import quickstart
 import sizes
 import t5 as t5lib
@@ -139,6 +141,8 @@ def build_parser():
                    "2K above), a local official .pth, diffusers folder, our .safetensors or train.py run folder (latest, EMA if kept)")
     p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
                    "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="add a LoRA, merged into the "
+                   "weights: a PEFT adapter folder or .safetensors, or a train.py --lora-rank run; SCALE default 1; repeatable")
     p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
                    "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -175,7 +179,8 @@ def run(args):
                          f"{args.steps}, --cfg {args.cfg}, --n {args.n}")
     if args.kv_compress:
         hub.parse_kv_compress(args.kv_compress, 28)
-    model_arg = args.model
+    # LoRA files are small: read and checked now; --model <a train.py LoRA run> = its base model + its adapter
+    model_arg, loras = lora.split_model(args.model, [lora.read(spec) for spec in args.lora])
     if model_arg == "auto":  # the native model for the size: 1024-MS up to ~1.5K, 2K-MS above
         model_arg = "2K" if args.size and height * width > 1536 * 1536 else "1024"
     device = torch.device(args.device)
@@ -190,7 +195,8 @@ def run(args):
         components = model_arg  # a whole diffusers pipeline folder
     files = quickstart.sample_settings(path) or hub.resolve_components(components, repo)  # sample.json of its run
     pixel_scale = files.get("pixel_scale")  # pixel space (train.py --quickstart): no VAE, no aspect-ratio buckets
-    model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 runs
+    model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 runs
+    model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here
     tokenizer = hub.load("tokenizer", files["tokenizer"], t5lib.Tokenizer)
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
     trained = factor * model.config.sample_size
@@ -209,7 +215,8 @@ def run(args):
         sampler=args.sampler, binning=binning, pixel_scale=pixel_scale)
     for k, image in enumerate(images):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
-                      f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}")
+                      f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
+                      f"{lora.describe(loras)}")
         print(save_png(image, args.out, parameters, seed + k))
 
 

@@ -12,6 +12,7 @@ the very same loss curve without storing any RNG state.
     python train.py --quickstart                                   # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
+    python train.py --init 1024 --data my_images/ --lora-rank 16 --bf16 --grad-checkpoint --out runs/mylora   # lora.py
 
 Weak-to-strong stages (each one command; add --data/--out/--cache as above):
     1. new VAE:   --init PixArt-XL-2-512x512.pth (PixArt-α, SD VAE 0.18215) --image-size 512 --steps 2000
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 import data
 import diffusion
+import lora
 import quickstart
 import sigma
 import t5
@@ -76,10 +78,8 @@ def build_model(args, device):
         config, sd = sigma.SigmaConfig(**quickstart.DIT) if args.quickstart else sigma.CONFIGS[args.config], None
         config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation)
     else:
-        path = args.init
-        if not os.path.exists(path):
-            import hub  # a released name -> the Hugging Face cache (sample.py's resolver)
-            path = hub.resolve_model(path)[0]
+        import hub  # a released name -> the Hugging Face cache, a run folder -> its latest checkpoint (sample.py's resolver)
+        path = hub.resolve_model(args.init)[0]
         sd, config = sigma.read_state_dict(path)
         alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
         if alpha:  # PixArt-α 1024-MS: Σ drops the size/aspect micro-conditions (paper §3)
@@ -134,7 +134,10 @@ def save_state(out, step, model, ema, opt, extra, keep):
     for stale in (final, tmp):  # final: a save that a kill interrupted before `latest` moved to it, now redone
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
-    sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+    if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
+        lora.save(model, tmp)
+    else:
+        sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
     if ema is not None:
         sigma.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
     torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
@@ -156,6 +159,7 @@ def latest_checkpoint(out):
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None):
     args = parse_args(argv)
+    lora.check_train_args(args)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
@@ -171,10 +175,14 @@ def main(argv=None):
         quickstart.save_sample_settings(args.out, args.pixel_scale)  # `sample.py --model <out>` needs no flags
     if world > 1:
         dist.barrier()  # the others read what rank 0 wrote
-    if resume:
+    if resume and not args.lora_rank:
         model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
         model = build_model(args, device)
+    if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
+        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
+        if resume:
+            lora.load(model, resume)
     cfg = model.config
     model.gradient_checkpointing = args.grad_checkpoint
 
@@ -354,12 +362,17 @@ def parse_args(argv=None):
     a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
     a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
     a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
-                                        "a diffusers folder or our .safetensors")
+                                        "a diffusers folder, our .safetensors, a run (latest; EMA if kept)")
     a("--config", default="1024", help="architecture for --init scratch: a released config name")
     a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
     a("--pe-interpolation", type=float, help="position-embedding scale when the size changes (default size/512)")
     a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
     a("--kv-compress-ratio", type=int, default=2, help="keys/values merged ratio×ratio")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen --init model (0: all weights);"
+                                               " defaults then: AdamW, lr 1e-4 unscaled, clip 1, warmup 100")
+    a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
+    a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
+                                               "embedders, adaLN and output, as the official LoRA script) or a list")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
     a("--resume", action="store_true", help="continue from --out/latest (same command line)")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
@@ -392,6 +405,8 @@ def parse_args(argv=None):
         p.set_defaults(**quickstart.DEFAULTS)
     else:
         p.set_defaults(vae_factor=8)
+    if args.lora_rank:
+        p.set_defaults(**lora.TRAIN_DEFAULTS)
     args = p.parse_args(argv)
     if not args.quickstart and not args.data:
         p.error("--data is required (or use --quickstart)")
