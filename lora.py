@@ -65,21 +65,18 @@ class LoRA(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        if isinstance(self.base, nn.Conv2d):  # A: a conv with the base's kernel and stride; B: a 1×1 conv
+        if isinstance(self.base, nn.Conv2d):  # A: a conv with the base's kernel and stride; B: a 1×1 conv (as PEFT)
             h = F.conv2d(x, self.lora_A, stride=self.base.stride, padding=self.base.padding)  # (N, r, h, w)
-            delta = torch.einsum("nrhw,or->nohw", h, self.lora_B[0])  # (N, out, h, w)
-        else:
-            h = F.linear(x, self.lora_A).unflatten(-1, (self.parts, -1))  # (..., P, r)
-            delta = torch.einsum("...pr,por->...po", h, self.lora_B).flatten(-2)  # (..., out)
-        return self.base(x) + self.scale * delta
+            return self.base(x) + self.scale * F.conv2d(h, self.lora_B[0, :, :, None, None])  # (N, out, h, w)
+        B = torch.block_diag(*self.lora_B)  # (out, P·r), zero off the diagonal: each part reads its own r rows of A x
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), B)  # (..., P·r) -> (..., out)
 
 
 def delta_weight(A, B):
     """B·A in the base weight's shape: (out, in), or (out, C, p, p) for the conv; block-diagonal B for fused layers."""
     if A.dim() == 4:
-        return torch.einsum("or,rckl->ockl", B[0], A)
-    P, R = B.shape[0], B.shape[2]
-    return torch.einsum("por,pri->poi", B, A.view(P, R, -1)).flatten(0, 1)  # (P·out/P, in)
+        return (B[0] @ A.flatten(1)).view(B.shape[1], *A.shape[1:])
+    return torch.block_diag(*B) @ A  # (out, P·r) @ (P·r, in)
 
 
 def _layers(depth):
