@@ -145,12 +145,12 @@ def base(tmp_path, monkeypatch):
 def test_train_lora_loads_in_peft_and_samples(tmp_path, base, capsys):
     run = tmp_path / "run"
     model = train.main(run_args(run, "--init", tmp_path / "base" / "model.safetensors", "--lora-rank", 4,
-                                "--lora-targets", "all", "--steps", 3, "--lr", 1e-2))
+                                "--lora-alpha", 6, "--lora-targets", "all", "--steps", 3, "--lr", 1e-2))
     step = run / "step_0000003"
     assert sorted(os.listdir(step)) == ["adapter_config.json", "adapter_model.safetensors", "trainer.pt"]
     config = json.load(open(step / "adapter_config.json"))
     assert config["base_model_name_or_path"] == str(tmp_path / "base" / "model.safetensors")
-    assert (config["r"], config["lora_alpha"]) == (4, 4)
+    assert (config["r"], config["lora_alpha"]) == (4, 6)
     frozen = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items() if k != "y_embedder.y_embedding")
     # diffusers + PEFT on the same base: the same DiT output as our model with its adapters, unmerged and merged
