@@ -103,6 +103,8 @@ def target_modules(targets, depth):
 def check_train_args(args):
     """train.py's LoRA flags, checked before anything loads."""
     if not args.lora_rank:
+        if args.lora_alpha is not None or args.lora_targets != "blocks":
+            raise ValueError("--lora-alpha and --lora-targets shape a LoRA: add --lora-rank R (or leave them out)")
         return
     target_modules(args.lora_targets, 1)
     problem = ("must be a positive integer" if args.lora_rank < 0 else

@@ -204,6 +204,7 @@ def test_step_zero_is_the_base_model():
     (["--lora-rank", 4, "--lora-targets", "attn.qkv,mlp.fc3"], "--lora-targets 'attn.qkv,mlp.fc3'"),
     (["--lora-rank", 4, "--init", "scratch"], "adapts a trained model"),
     (["--lora-rank", 4, "--kv-compress-layers", "1"], "cannot train new KV-compression layers"),
+    (["--lora-alpha", 8], "add --lora-rank"),  # would be ignored
 ])
 def test_train_refuses_bad_lora_flags(tmp_path, extra, message):
     init = ["--init", "missing.safetensors"]  # never read: the flags are checked first
