@@ -21,6 +21,7 @@ Examples:
     python sample.py --prompts-file prompts.txt --model 512 --size 512 --out previews
     python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
     python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python quickstart.py train
+    python sample.py "a cat in the style of my photos" --lora runs/mylora:0.8        # a LoRA (train.py --lora-rank, PEFT)
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
 import gc
@@ -38,6 +39,7 @@ from PIL.PngImagePlugin import PngInfo
 import cli
 import diffusion
 import hub
+import lora
 import sizes
 import t5 as t5lib
 import vae as vaelib
@@ -133,6 +135,8 @@ def build_parser():
                    "2K above), a local official .pth, diffusers folder, our .safetensors or train.py run folder (latest, EMA if kept)")
     p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
                    "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="add a LoRA, merged into the "
+                   "weights: a PEFT adapter folder or .safetensors, or a train.py --lora-rank run; SCALE default 1; repeatable")
     p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
                    "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -181,17 +185,20 @@ def main(argv=None):
 
 def run(args):
     prompts, device = check_args(args)
-    local = os.path.exists(args.model)
-    path, name, repo = hub.resolve_model(args.model) if local else (None, None, None)  # checked, not loaded yet
+    # LoRA files are small: read and checked now; --model <a train.py LoRA run> = its base model + its adapter
+    model_arg, loras = lora.split_model(args.model, [lora.read(spec) for spec in args.lora])
+    local = os.path.exists(model_arg)
+    path, name, repo = hub.resolve_model(model_arg) if local else (None, None, None)  # checked, not loaded yet
     files = hub.run_settings(path) if local else None  # a train.py run: its own components
     pixel_scale = files and files["pixel_scale"]  # pixel space (the quick start): no VAE, no aspect-ratio buckets
     height, width = sizes.parse_size(args.size, latent=not pixel_scale) if args.size else (None, None)
     if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
-        model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if args.model == "auto" else args.model
+        model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if model_arg == "auto" else model_arg
         path, name, repo = hub.resolve_model(model_arg)  # from the Hugging Face cache, or downloaded
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
-    model = hub.load_model(path, name, args.kv_compress).to(dtype)  # on the CPU first: a bad file fails before T5 loads
+    model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 loads
+    model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
@@ -201,7 +208,7 @@ def run(args):
               "grid through position-embedding interpolation" + ((" (no released checkpoint was trained at this size)" +
               ("" if args.kv_compress else "; --kv-compress avgpool makes it faster")) if name else ""), file=sys.stderr)
     if files is None or args.components:  # T5 and the VAE: may download them
-        files = dict(hub.resolve_components(args.components, repo, args.model), pixel_scale=pixel_scale)
+        files = dict(hub.resolve_components(args.components, repo, model_arg), pixel_scale=pixel_scale)
     tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
     for prompt in prompts + [args.negative]:  # any tokenizer: words it has no pieces for become <unk>
         if unknown := [w for w in dict.fromkeys(prompt.lower().split()) if tokenizer.special["<unk>"] in tokenizer.encode(w)]:
@@ -216,7 +223,8 @@ def run(args):
         sampler=args.sampler, binning=binning, pixel_scale=pixel_scale)
     for k, image in enumerate(images):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
-                      f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}")
+                      f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
+                      f"{lora.describe(loras)}")
         print(save_png(image, args.out, parameters, seed + k))
 
 

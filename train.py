@@ -12,6 +12,7 @@ the very same loss curve without storing any RNG state.
     python quickstart.py train                                     # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
+    python train.py --init 1024 --data my_images/ --lora-rank 16 --bf16 --grad-checkpoint --out runs/mylora   # lora.py
 
 Weak-to-strong stages (each one command; add --data/--out/--cache as above):
     1. new VAE:   --init PixArt-XL-2-512x512.pth (PixArt-α, SD VAE 0.18215) --image-size 512 --steps 2000
@@ -43,6 +44,7 @@ import cli
 import data
 import diffusion
 import hub
+import lora
 import sigma
 import t5
 from came import CAME
@@ -83,7 +85,7 @@ def build_model(args, device, config=None):
         config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation,
                          caption_tokens=args.caption_tokens)
     else:
-        path = hub.resolve_model(args.init, "--init")[0]  # a released name -> the Hugging Face cache (sample.py's resolver)
+        path = hub.resolve_model(args.init, "--init")[0]  # a released name -> the Hugging Face cache, a run folder -> its latest checkpoint
         sd, config = sigma.read_state_dict(path)
         alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
         if alpha:  # PixArt-α 1024-MS: Σ drops the size/aspect micro-conditions (paper §3)
@@ -137,7 +139,10 @@ def save_state(out, step, model, ema, opt, extra, keep):
     for stale in (final, tmp):  # final: a save that a kill interrupted before `latest` moved to it, now redone
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
-    sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+    if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
+        lora.save(model, tmp)
+    else:
+        sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
     if ema is not None:
         sigma.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
     torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
@@ -167,6 +172,8 @@ def check_resume(args, resume):
     if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
         raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
                          "to train on")
+    if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
+        return
     try:
         with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
             saved = json.loads(f.metadata()["sigma_config"])
@@ -193,6 +200,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
     SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
     args = parse_args(argv, defaults, need_data=dataset is None)
+    lora.check_train_args(args)
     check_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
@@ -226,10 +234,14 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         components = components(args)
     if components is not None and master:  # `sample.py --model <out>` then needs no flags
         hub.save_run_settings(args.out, components, None if components.get("vae") else args.pixel_scale)
-    if resume:
+    if resume and not args.lora_rank:
         model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
         model = build_model(args, device, config)
+    if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
+        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
+        if resume:
+            lora.load(model, resume)
     cfg = model.config
     model.gradient_checkpointing = args.grad_checkpoint
     comps = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
@@ -407,12 +419,17 @@ def parse_args(argv=None, defaults=None, need_data=True):
     a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
     a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
     a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
-                                        "a diffusers folder, our .safetensors or a train.py run (EMA weights if kept)")
+                                        "a diffusers folder, our .safetensors or a train.py run (latest; EMA weights if kept)")
     a("--config", default="1024", choices=list(sigma.CONFIGS), help="architecture for --init scratch: a released config name")
     a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
     a("--pe-interpolation", type=float, help="position-embedding scale (default: the init's, × new/old size when --image-size changes it)")
     a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
     a("--kv-compress-ratio", type=int, help="keys/values merged ratio×ratio (default 2)")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen --init model (0: all weights);"
+                                               " defaults then: AdamW, lr 1e-4 unscaled, clip 1, warmup 100")
+    a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
+    a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
+                                               "embedders, adaLN and output, as the official LoRA script) or a list")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
     a("--resume", action="store_true", help="continue from --out/latest (same command line)")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
@@ -441,6 +458,8 @@ def parse_args(argv=None, defaults=None, need_data=True):
     a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
     a("--device", help="cuda or cpu (default: cuda when available)")
     p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
+    if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
+        p.set_defaults(**lora.TRAIN_DEFAULTS)
     args = p.parse_args(argv)
     if need_data and not args.data:
         p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
