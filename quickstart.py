@@ -20,6 +20,7 @@ This file is a user of the product (train.py, sample.py, t5.py): they never impo
   error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (diffusion.clip_denoised). An EMA of the
   weights (0.995) smooths the last steps' Adam noise out of the samples.
 """
+import functools
 import json
 import os
 import random
@@ -100,6 +101,14 @@ def draw(shape, color, bg, size, r, dy=0.0, dx=0.0):
     return torch.nn.functional.avg_pool2d(img[None], 2)[0] / 127.5 - 1
 
 
+@functools.lru_cache(maxsize=None)
+def drawings(shape, color, bg, size):
+    """(125, 3, size, size): the drawings score() compares with, at 5 sizes × 5 × 5 positions over the data's range."""
+    lo, hi, d = *ShapesDataset.RADIUS, ShapesDataset.OFFSET
+    return torch.stack([draw(shape, color, bg, size, r, dy, dx) for r in torch.linspace(lo, hi, 5).tolist()
+                        for dy in torch.linspace(-d, d, 5).tolist() for dx in torch.linspace(-d, d, 5).tolist()])
+
+
 @torch.no_grad()
 def score(images, prompts):
     """How well samples follow their prompts, judged against the drawing rules above rather than the model:
@@ -110,16 +119,11 @@ def score(images, prompts):
     colours (nearest of the six), rmse=mean distance to the nearest drawing)."""
     C = ShapesDataset.COLORS
     names, palette = list(C), torch.tensor(list(C.values())).float() / 127.5 - 1  # (6, 3)
-    lo, hi = ShapesDataset.RADIUS
-    grid = [(r, dy, dx) for r in torch.linspace(lo, hi, 5).tolist()
-            for dy in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()
-            for dx in torch.linspace(-ShapesDataset.OFFSET, ShapesDataset.OFFSET, 5).tolist()]
     shape_ok, color_ok, rmse = {s: [] for s in ShapesDataset.SHAPES}, 0.0, 0.0
     for img, prompt in zip(images, prompts):
         _, color, shape, _, _, bg, _ = prompt.split()
         H = img.shape[-1]
-        nearest = {s: min(((img - draw(s, color, bg, H, *g)) ** 2).mean().item() for g in grid)
-                   for s in ShapesDataset.SHAPES}
+        nearest = {s: ((img - drawings(s, color, bg, H)) ** 2).mean((1, 2, 3)).min().item() for s in ShapesDataset.SHAPES}
         best = min(nearest, key=nearest.get)
         shape_ok[shape].append(best == shape)
         rmse += nearest[best] ** 0.5
