@@ -462,7 +462,7 @@ def plot_weak_to_strong(results, path, plt):
         ax.set_xticks(steps, [str(k) for k in steps], fontsize=7)
         ax.minorticks_off()
         ax.set(title=titles[name], xlabel="training steps (log scale above 25)", ylabel="held-out score (%)",
-               xlim=(0, steps[-1] * 1.2), ylim=(0, 100))
+               xlim=(0, max(steps[-1], 25) * 1.2), ylim=(0, 100))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -43,11 +43,12 @@ def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_weak_to_strong_fast_shows_the_effect(tmp_path, one_thread):
-    # `python quickstart.py weak-to-strong --fast` (~4 min on 2 idle cores): the 32 px model adapted from the
-    # 16 px one beats the same model trained from scratch at 32 px for as many steps, by a clear margin; the KV
-    # model with its averaging-init conv, before any fine-tuning, scores close to the uncompressed model.
-    # Measured: see the README's 'Weak-to-strong in miniature'. Breaking the init (build_model ignoring --init's
-    # weights, or a wrong position table) fails the first; a zero-init conv fails the second.
+    # `python quickstart.py weak-to-strong --fast` (15 min on 2 cores shared with 5 other jobs): the 32 px model
+    # adapted from the 16 px one beats the same model trained from scratch at 32 px for as many steps by a clear
+    # margin (measured 38.3 vs 13.3 at 200 steps); the KV model with its averaging-init conv, before any
+    # fine-tuning, stays near the uncompressed model (30.0 vs 38.3; the full run: 38.3 vs 47.1). build_model
+    # ignoring --init's weights fails the first. The second is a weak guard: on this tiny model, zeroing the
+    # deep half's keys and values outright scores 37.5 (README, 'Weak-to-strong in miniature').
     quickstart.main(["weak-to-strong", "--fast", "--out", str(tmp_path)])
     results = json.load(open(tmp_path / "results.json"))
     resolution, kv = results["stages"]["resolution"], results["stages"]["kv"]
@@ -55,5 +56,5 @@ def test_weak_to_strong_fast_shows_the_effect(tmp_path, one_thread):
     scratch = {p["step"]: p["score"] for p in resolution["scratch"]}
     step = max(scratch)
     assert adapted[step] >= scratch[step] + 15, (adapted, scratch)
-    assert abs(kv["conv_at_step0"] - kv["uncompressed"]) <= 10, kv
+    assert abs(kv["conv_at_step0"] - kv["uncompressed"]) <= 15, kv
     assert os.path.getsize(tmp_path / "weak_to_strong.png") > 10_000
