@@ -232,8 +232,9 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         dist.barrier()
     if callable(components):
         components = components(args)
-    if components is not None and master:  # `sample.py --model <out>` then needs no flags
-        hub.save_run_settings(args.out, components, None if components.get("vae") else args.pixel_scale)
+    if components is not None and master:  # `sample.py --model <out>` then needs no flags; --vae is the run's VAE
+        vae_path = args.vae or components.get("vae")
+        hub.save_run_settings(args.out, dict(components, vae=vae_path), None if vae_path else args.pixel_scale)
     if resume and not args.lora_rank:
         model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
