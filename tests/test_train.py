@@ -1,6 +1,7 @@
 """train.py, data.py, came.py, quickstart.py: optimizer vs came_pytorch, buckets, sampler, DDP, resume, atomic saves, stages."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,32 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
         assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
 
 
+def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path):
+    """README: the cache is rebuilt when images, captions, components (T5, VAE), resolution, buckets or caption
+    length change. Each one alone must change data.fingerprint; nothing changed must keep it."""
+    for i in range(2):
+        write_png(tmp_path / f"{i}.png", 64, 96, (100, 50 * i, 0))
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    table = data.bucket_table(256)
+    fp = lambda records=None, table=table, vae="vae", t5="t5", tokens=300: data.fingerprint(
+        records or data.scan(str(tmp_path))[0], table, vae, t5, tokens)
+    base = fp()
+    assert fp() == base  # a pure function of its inputs
+    changed = {"VAE": fp(vae="other-vae"), "T5 / components": fp(t5="other-t5"), "caption length": fp(tokens=120),
+               "resolution": fp(table=data.bucket_table(512)), "buckets": fp(table={"1.0": (256, 256)}),
+               "an image fewer": fp(data.scan(str(tmp_path))[0][:1])}
+    (tmp_path / "1.txt").write_text("another caption")
+    changed["captions"] = fp()
+    (tmp_path / "1.txt").write_text("caption 1")
+    assert fp() == base
+    stat = os.stat(tmp_path / "0.png")
+    os.utime(tmp_path / "0.png", (stat.st_atime, stat.st_mtime + 10))  # rewritten: same name and size, newer
+    changed["image rewritten"] = fp()
+    write_png(tmp_path / "0.png", 64, 96, (0, 0, 255))  # other pixels
+    changed["image content"] = fp()
+    assert all(v != base for v in changed.values()), [k for k, v in changed.items() if v == base]
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def test_quickstart_loss_goes_down(tmp_path, tiny):
     train.main(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1, "--preview-every", 60))
@@ -250,6 +277,77 @@ def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
     assert torch.load(tmp_path / "step_0000004" / "trainer.pt", weights_only=True)["step"] == 4
 
 
+class CrashAt:
+    """Makes the n-th filesystem operation of train.save_state fail (n = None: count them): os.replace, os.makedirs
+    and shutil.rmtree raise before acting (rmtree after removing one file), file writes (open for writing,
+    torch.save, safetensors' save_file) leave a torn file behind, as a kill -9 at that moment would."""
+
+    def __init__(self, monkeypatch, n=None):
+        import builtins
+        import safetensors.torch
+        self.n, self.calls = n, []
+        wrap = lambda name, fn, torn: lambda *a, **k: self.step(name, fn, torn, *a, **k)
+        for module, name, torn in [(os, "replace", None), (os, "makedirs", None), (shutil, "rmtree", "rmtree"),
+                                   (torch, "save", 1), (safetensors.torch, "save_file", 1)]:
+            monkeypatch.setattr(module, name, wrap(name, getattr(module, name), torn))
+        monkeypatch.setattr(train, "open", wrap("open", builtins.open, 0), raising=False)  # train.py's own writes
+
+    def step(self, name, fn, torn, *args, **kwargs):
+        if name == "open" and "w" not in (args[1] if len(args) > 1 else kwargs.get("mode", "r")):
+            return fn(*args, **kwargs)  # reading `latest` is no filesystem change
+        self.calls.append(name)
+        if self.n is not None and len(self.calls) - 1 == self.n:
+            if torn == "rmtree":  # half-deleted: one file gone
+                for d, _, files in os.walk(args[0]):
+                    if files:
+                        os.remove(os.path.join(d, files[0]))
+                        break
+            elif torn is not None:  # a torn file at the path argument of open / torch.save / save_file
+                with open(args[torn], "wb") as f:
+                    f.write(b"torn")
+            raise KeyboardInterrupt(f"killed at {name} (filesystem step {self.n})")
+        return fn(*args, **kwargs)
+
+
+def test_save_state_crash_at_every_filesystem_step_keeps_latest_loadable(tmp_path, monkeypatch):
+    """A checkpoint of step 1 exists; saving step 2 (keep=1: step 1 is deleted after) dies at filesystem step n,
+    for every n: `latest` must name a complete checkpoint (model, EMA, trainer state of one step), and the
+    save redone afterwards must complete."""
+    cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=8, caption_tokens=4, sample_size=8)
+    models = {s: sigma.PixArtSigma(cfg) for s in (1, 2)}  # different random weights per step
+    opt = torch.optim.AdamW(models[1].parameters())
+
+    def save(out, step):
+        return train.save_state(str(out), step, models[step], models[step], opt, dict(global_batch=1), keep=1)
+
+    def check_latest(out):
+        latest = train.latest_checkpoint(str(out))
+        step = int(os.path.basename(latest).split("_")[1])
+        for name in ("model", "ema"):
+            loaded = sigma.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
+            assert max_diff(loaded, weights(models[step])) == 0, (latest, name)
+        assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == step
+        return step
+
+    save(tmp_path / "count", 1)
+    counter = CrashAt(monkeypatch)
+    save(tmp_path / "count", 2)
+    monkeypatch.undo()
+    assert len(counter.calls) >= 8 and {"replace", "open", "save", "save_file", "rmtree"} <= set(counter.calls)
+    survivors = []
+    for n in range(len(counter.calls)):
+        out = tmp_path / f"crash{n}"
+        save(out, 1)
+        CrashAt(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt):
+            save(out, 2)
+        monkeypatch.undo()
+        survivors.append(check_latest(out))
+        save(out, 2)  # the resumed run redoes the step and saves it again
+        assert check_latest(out) == 2 and sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_0000002"]
+    assert survivors[0] == 1 and survivors[-1] == 2  # crashes before and after `latest` moved were both tried
+
+
 def test_kill_9_never_corrupts_latest(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
@@ -325,6 +423,17 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
     again = weights(train.main(common + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]))
     assert os.path.getmtime(tmp_path / "cache" / "index.json") == stamp  # reused, not rebuilt
     assert max_diff(fly, cached) < 1e-5 and max_diff(cached, again) == 0
+    # what train.py hands the fingerprint: a caption, the VAE, the T5 (components) and the caption length,
+    # each changed alone on top of the run before, rebuild the cache
+    shutil.copytree(comps, tmp_path / "components2")
+    (images / "3.txt").write_text("a blue triangle on a white background")
+    flags = []
+    for i, change in enumerate([[], ["--vae", str(comps / "vae")], ["--components", str(tmp_path / "components2")],
+                                ["--caption-tokens", "12"]]):
+        flags += change
+        fp = json.load(open(tmp_path / "cache" / "index.json"))["fingerprint"]
+        train.main(common + ["--out", str(tmp_path / f"rebuilt{i}"), "--cache", str(tmp_path / "cache"), *flags])
+        assert json.load(open(tmp_path / "cache" / "index.json"))["fingerprint"] != fp, change
     log = [json.loads(line) for line in open(tmp_path / "cached" / "log.jsonl")]
     assert log[-1]["skipped_images"] == 1 and max_diff(fly, weights(sigma.PixArtSigma(dit))) > 1e-4
 
