@@ -59,8 +59,9 @@ def _release_memory():
 
 @torch.no_grad()
 def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
-             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None):
-    """prompts (list of str) -> n PIL images per prompt (prompt-major); image k uses seed + k.
+             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, output_type="pil"):
+    """prompts (list of str) -> n PIL images per prompt (prompt-major; output_type="np": float (H, W, 3)
+    arrays in [0, 1] as diffusers' pipelines name it); image k uses seed + k.
 
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
@@ -99,7 +100,7 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
             image = vae.decode(x.to(vae.post_quant_conv.weight)).float()  # (1, 3, gen_h, gen_w) in [-1, 1]
         image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
         pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
-        images.append(Image.fromarray((pixels * 255).round().astype(np.uint8)))
+        images.append(pixels if output_type == "np" else Image.fromarray((pixels * 255).round().astype(np.uint8)))
     return images
 
 

@@ -23,6 +23,7 @@ L caption tokens, D width, S heads. Module names ARE the official checkpoint's k
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -451,9 +452,10 @@ def read_state_dict(src):
             raise ValueError(f"could not read {src} as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                              "read weights only, no pickled code runs): is the file complete? download it again") from None
         sd, cfg = sd.get("state_dict", sd), None
+    # DDP saves 'module.x', torch.compile '_orig_mod.x', and train.py's compile(DDP(model)) '_orig_mod.module.x'
+    sd = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
     if any(k.startswith("transformer_blocks.") for k in sd):
         return convert_diffusers(sd), None
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     return sd, cfg
 
 

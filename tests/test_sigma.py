@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 
+import hub
 import sigma
+import train
+from official import official_layout
 
 TINY = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
                          sample_size=16, pe_interpolation=1.0)
@@ -77,6 +80,52 @@ def test_matches_diffusers_full_xl2():
 
 
 # -- the official .pth layout ----------------------------------------------------------------------
+
+def test_official_layout_is_the_released_one():
+    """The tests' own diffusers -> official mapping (tests/official.py), applied to a full-size diffusers model,
+    gives exactly the released key list and shapes; and sigma's modules carry exactly those names and shapes."""
+    spec = json.load(open(KEYS))
+    with torch.device("meta"):  # shapes only: no memory, no init work
+        ref = PixArtTransformer2DModel(**{k: v for k, v in sigma.diffusers_config(sigma.CONFIGS["1024"]).items()
+                                          if not k.startswith("_")})
+        model = sigma.PixArtSigma(dataclasses.replace(sigma.CONFIGS["1024"], kv_compress_layers=range(14, 28)))
+    official = official_layout(ref.state_dict(), torch.empty(300, 4096, device="meta"),
+                               torch.empty(1, 64 * 64, 1152, device="meta"))
+    released = {e["key"]: tuple(e["shape"]) for e in spec["keys"]}
+    assert {k: tuple(v.shape) for k, v in official.items()} == {
+        k: s for k, s in released.items() if k not in {e["key"] for e in spec["keys"] if e["kv_compress_only"]}}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: s for k, s in released.items() if k != "pos_embed"}  # with the KV layers of the official config
+
+
+def test_official_pth_matches_diffusers(tmp_path):
+    """A diffusers model written into the released .pth layout by the tests' own mapping (fused attn.qkv as
+    [q; k; v], cross_attn.kv_linear as [k; v]) and loaded by path, config inferred: diffusers' outputs."""
+    config = dataclasses.replace(TINY, hidden_size=144, num_heads=2, sample_size=32, pe_interpolation=0.5,
+                                 caption_tokens=300)  # heads of 72 and pe = size/512, as every released model
+    ref = diffusers_model(config, std=0.1)  # at 0.2 and width 144 scores outgrow diffusers' -10000 mask bias
+    y_embedding = torch.randn(300, config.caption_channels)
+    sd = official_layout(ref.state_dict(), y_embedding, torch.zeros(1, 16 * 16, 144))  # pos_embed: 16² tokens
+    torch.save({"state_dict": sd}, tmp_path / "PixArt-Sigma-tiny.pth")
+    model = sigma.load_checkpoint(tmp_path / "PixArt-Sigma-tiny.pth")
+    assert model.config == config and torch.equal(model.y_embedder.y_embedding, y_embedding)
+    x, t, y, mask = inputs(config)
+    with torch.no_grad():
+        out = model(x, t, y, mask)
+    expected = reference_forward(ref, x, t, y, mask)
+    assert (out - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_ddp_and_compile_prefixes_are_stripped(prefix, tmp_path):
+    # DDP saves 'module.x', torch.compile '_orig_mod.x'; train.py's compile(DDP(model)) '_orig_mod.module.x'
+    ref = diffusers_model(TINY)
+    model = sigma.load_checkpoint(ref.state_dict(), TINY)
+    torch.save({"state_dict": {prefix + k: v for k, v in model.state_dict().items()}}, tmp_path / "wrapped.pth")
+    for src in (tmp_path / "wrapped.pth", {prefix + k: v for k, v in ref.state_dict().items()}):  # ours, diffusers'
+        loaded = sigma.load_checkpoint(src, TINY).state_dict()
+        assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
 
 @pytest.fixture(scope="module")
 def official_state_dict():
@@ -250,15 +299,61 @@ def test_kv_conv_matches_official_semantics():
         assert (attn(x, (h, w)) - official_kv_attention(attn, x, h, w)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["conv", "uniform", "avgpool"])
-def test_kv_model_runs_with_fewer_keys(mode):
-    config = dataclasses.replace(TINY, kv_compress_layers=(0, 1), kv_compress_mode=mode)
-    model = sigma.PixArtSigma(config)
-    seen = []
-    model.blocks[0].attn.register_forward_hook(lambda m, a, o: seen.append(m.compress(torch.cat([a[0], a[0]]), a[1]).shape))
+def reference_kv_attention(attn, x, H, W, mode):
+    """Softmax attention written out, over keys and values compressed by hand on the H×W grid."""
+    B, N, C = x.shape
+    S = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(B, N, 3, C).unbind(2)
+
+    def down(z):  # (B, N, C) -> (B, N/4, C)
+        grid = z.reshape(B, H // 2, 2, W // 2, 2, C)  # (B, H/2, row in patch, W/2, column in patch, C)
+        if mode == "uniform":  # official 'uniform' sampling: x[:, :, ::2, ::2], the top-left token of each patch
+            return grid[:, :, 0, :, 0].reshape(B, -1, C)
+        return grid.mean((2, 4)).reshape(B, -1, C)  # avgpool: the mean of each 2×2 patch
+
+    k, v = down(k), down(v)
+    q, k, v = (z.reshape(B, -1, S, C // S).transpose(1, 2) for z in (q, k, v))
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(C // S)).softmax(-1)  # (B, S, N, N/4)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def kv_reference(attn, x, H, W, mode):
+    return official_kv_attention(attn, x, H, W) if mode == "conv" else reference_kv_attention(attn, x, H, W, mode)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "avgpool"])
+def test_parameter_free_kv_modes_match_attention_over_compressed_keys(mode):
+    D, h, w = 64, 6, 10
+    attn = sigma.SelfAttention(D, 4, kv_compress=mode)
     with torch.no_grad():
-        out = model(*inputs(config, H=8, W=12))
-    assert out.shape == (3, 8, 8, 12) and seen[0] == (6, 24 // 4, 64)
+        x = torch.randn(2, h * w, D)  # every token different: which one a patch keeps matters
+        assert (attn(x, (h, w)) - reference_kv_attention(attn, x, h, w, mode)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["conv", "uniform", "avgpool"])
+def test_kv_model_compresses_exactly_the_configured_blocks(mode):
+    """The whole model with compression in block 1 of 2 = the plain model with block 1's self-attention
+    replaced by the reference above; and that differs from no compression."""
+    config = dataclasses.replace(TINY, kv_compress_layers=(1,), kv_compress_mode=mode)
+    model = sigma.PixArtSigma(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # random everywhere: the zero-inits would hide the attention
+    plain = sigma.load_checkpoint({k: v for k, v in model.state_dict().items() if ".attn.sr." not in k
+                                   and ".attn.norm." not in k}, TINY)
+    x, t, y, mask = inputs(config, H=8, W=12)
+    with torch.no_grad():
+        out, uncompressed = model(x, t, y, mask), plain(x, t, y, mask)
+        plain.blocks[1].attn.forward = lambda z, hw: kv_reference(model.blocks[1].attn, z, *hw, mode)
+        expected = plain(x, t, y, mask)
+    assert (out - expected).abs().max() < 1e-5 and (out - uncompressed).abs().max() > 1e-2
+
+
+def test_default_kv_layers_are_the_official_deep_half():
+    official = tuple(json.load(open(KEYS))["config"]["kv_compress_config"]["kv_compress_layer"])  # 14..27
+    assert sigma.KV_DEEP_HALF == official
+    assert hub.parse_kv_compress("avgpool", 28) == ("avgpool", official)  # sample.py --kv-compress MODE
+    assert train.parse_layers("deep", 28) == official  # train.py --kv-compress-layers deep
 
 
 # -- training-side switches ------------------------------------------------------------------------
