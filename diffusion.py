@@ -200,8 +200,11 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
 def ancestral(model_fn, x, steps=100, generator=None, progress=True):
     """IDDPM ancestral sampling with the learned variance, respaced to `steps` of the 1000 timesteps.
     x: (N, C, H, W) noise; model_fn(x, t) -> (N, 2C, H, W) (or (N, C, H, W): then Σ = β̃_t).
-    Noise is drawn on the CPU with `generator` (a CPU torch.Generator, or None) and moved to x's device."""
+    Noise is drawn on the CPU and moved to x's device, with `generator` (a CPU torch.Generator, or None) or with one
+    generator per image (a list of N): then each image's noise is drawn alone and does not depend on the batch."""
     _check_steps(steps)
+    if isinstance(generator, list) and len(generator) != len(x):
+        raise ValueError(f"one generator per image: {len(generator)} generators for {len(x)} images")
     # respacing (IDDPM §4): keep timesteps evenly spaced over 0..999 (rounded), then rebuild a shorter chain
     # with the same ᾱ at the kept steps, i.e. β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}}; the network still sees t_i
     stride, kept, s = (NUM_TIMESTEPS - 1) / max(steps - 1, 1), [], 0.0
@@ -214,8 +217,11 @@ def ancestral(model_fn, x, steps=100, generator=None, progress=True):
         t = torch.full((x.shape[0],), kept[i], dtype=torch.long, device=x.device)
         mean, log_var = _p_mean_log_var(model_fn(x, t).float(), x, torch.full_like(t, i), ac)
         if i > 0:  # x_{t−1} = μ + Σ^½ z; the last step (t = 0) returns the mean
-            z = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-            x = mean + torch.exp(0.5 * log_var) * z
+            if isinstance(generator, list):  # image n's noise from generator[n] alone: (1, C, H, W) each
+                z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device="cpu") for g in generator])
+            else:
+                z = torch.randn(x.shape, generator=generator, device="cpu")
+            x = mean + torch.exp(0.5 * log_var) * z.to(x.device)
         else:
             x = mean
     return x

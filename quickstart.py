@@ -229,6 +229,7 @@ def evaluate(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ancestral"])
+    p.add_argument("--batch-size", type=int, default=30, help="images per DiT forward (the same images as one by one, faster)")
     p.add_argument("--grid", help="also save a labelled grid PNG here: GRID_PROMPTS × 6 seeds (the README's figure)")
     args = p.parse_args(argv)
     if args.n < 1 or not 1 <= args.steps <= 1000 or not args.cfg >= 1:
@@ -245,8 +246,8 @@ def evaluate(argv=None):
     text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
     H = model.config.sample_size
     run = lambda prompts, n, seed: sample.generate(prompts, model, text, tok, None, size=(H, H), n=n, seed=seed,
-                                                   steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                                                   binning=False, pixel_scale=files["pixel_scale"])
+                                                   steps=args.steps, cfg=args.cfg, sampler=args.sampler, binning=False,
+                                                   pixel_scale=files["pixel_scale"], batch_size=args.batch_size)
     result = {}
     for part, held_out in (("seen", False), ("held_out", True)):  # trained-on captions, then the never-shown ones
         prompts = [q for q in ShapesDataset.captions(held_out) for _ in range(args.n)]

@@ -45,6 +45,9 @@ import t5 as t5lib
 import vae as vaelib
 from tokenizer import Tokenizer
 
+DTYPES = dict(auto=None, fp32=torch.float32, float32=torch.float32, bf16=torch.bfloat16, bfloat16=torch.bfloat16,
+              fp16=torch.float16, float16=torch.float16, half=torch.float16)  # --dtype, as other tools spell it
+
 
 def _take(component):
     """A loaded module (or None) is used where it lives; a loader function is called now (and its result freed later)."""
@@ -59,9 +62,10 @@ def _release_memory():
 
 @torch.no_grad()
 def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
-             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, output_type="pil"):
+             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, batch_size=1, output_type="pil"):
     """prompts (list of str) -> n PIL images per prompt (prompt-major; output_type="np": float (H, W, 3)
     arrays in [0, 1] as diffusers' pipelines name it); image k uses seed + k.
+    batch_size: images per DiT forward (with CFG, twice as many rows); an image is the same in any batch.
 
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
@@ -83,24 +87,22 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
     vae, _ = _take(vae)
     factor = 1 if pixel_scale else 8  # pixels per latent
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
-    images = []
-    for k in range(len(prompts) * n):
-        p = k // n
-        g = torch.Generator("cpu").manual_seed(seed + k)  # this image's noise, drawn alone: batch-independent
-        x = torch.randn((1, model.config.in_channels, gen_h // factor, gen_w // factor), generator=g).to(weight.device)
-        model_fn = diffusion.guided(model, y[p:p + 1], mask[p:p + 1], y_neg, mask_neg, cfg)
+    images, total, shape = [], len(prompts) * n, (1, model.config.in_channels, gen_h // factor, gen_w // factor)
+    for start in range(0, total, batch_size):
+        ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
+        gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
+        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(weight.device)  # (B, C, h, w)
+        p = [k // n for k in ks]
+        model_fn = diffusion.guided(model, y[p], mask[p], y_neg, mask_neg, cfg)  # one forward: B null + B captions
         model_fn = diffusion.clip_denoised(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
-        if sampler == "dpm":
-            x = diffusion.dpm_solver(model_fn, x, steps, progress=progress)  # (1, C, h, w)
-        else:
-            x = diffusion.ancestral(model_fn, x, steps, generator=g, progress=progress)
-        if pixel_scale:  # pixel space: the DiT denoised the image × pixel_scale
-            image = x.float() / pixel_scale  # (1, 3, gen_h, gen_w) in [-1, 1]
-        else:
-            image = vae.decode(x.to(vae.post_quant_conv.weight)).float()  # (1, 3, gen_h, gen_w) in [-1, 1]
-        image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
-        pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
-        images.append(pixels if output_type == "np" else Image.fromarray((pixels * 255).round().astype(np.uint8)))
+        x = (diffusion.dpm_solver(model_fn, x, steps, progress=progress) if sampler == "dpm"
+             else diffusion.ancestral(model_fn, x, steps, generator=gens, progress=progress))  # (B, C, h, w)
+        for z in x.split(1):  # one by one: the VAE's memory does not grow with the batch
+            # (1, 3, gen_h, gen_w) in [-1, 1]; pixel space: the DiT denoised the image × pixel_scale itself
+            image = z.float() / pixel_scale if pixel_scale else vae.decode(z.to(vae.post_quant_conv.weight)).float()
+            image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
+            pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
+            images.append(pixels if output_type == "np" else Image.fromarray((pixels * 255).round().astype(np.uint8)))
     return images
 
 
@@ -131,6 +133,7 @@ def build_parser():
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=1, help="images per DiT forward (faster if memory allows; same images)")
     p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
     p.add_argument("--model", default="auto", help=f"released model ({', '.join(hub.MODELS)}; auto: 1024 up to 1536², "
                    "2K above), a local official .pth, diffusers folder, our .safetensors or train.py run folder (latest, EMA if kept)")
@@ -140,8 +143,8 @@ def build_parser():
                    "weights: a PEFT adapter folder or .safetensors, or a train.py --lora-rank run; SCALE default 1; repeatable")
     p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
                    "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="DiT and VAE precision (auto: bfloat16 on GPU, float32 on CPU); T5 runs in bfloat16 unless float32")
+    p.add_argument("--dtype", default="auto", help=f"DiT and VAE precision: {', '.join(DTYPES)} (auto: bfloat16 on GPU, "
+                   "float32 on CPU); T5 runs in bfloat16 unless float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
     p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
@@ -163,7 +166,9 @@ def check_args(args):
                          else "no prompt: give one (quoted) or --prompts-file")
     cli.check_ranges(args, [("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
                             ("--cfg", 1 <= args.cfg < float("inf"), ">= 1 (1 = no guidance; diffusers too guides only above 1)"),
-                            ("--n", args.n >= 1, ">= 1")])
+                            ("--n", args.n >= 1, ">= 1"), ("--batch-size", args.batch_size >= 1, ">= 1")])
+    if args.dtype.lower() not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
     if args.negative and args.cfg == 1:
         raise ValueError("--negative has no effect with --cfg 1 (no guidance): give a --cfg above 1, or leave it out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -196,7 +201,7 @@ def run(args):
     if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
         model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if model_arg == "auto" else model_arg
         path, name, repo = hub.resolve_model(model_arg)  # from the Hugging Face cache, or downloaded
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype.lower()] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
     model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 loads
     model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here
@@ -221,7 +226,7 @@ def run(args):
         lambda: hub.load("text encoder", files["text_encoder"], t5lib.load_t5, t5_dtype, "cpu" if args.low_memory else device),
         tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
-        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale)
+        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale, batch_size=args.batch_size)
     for k, image in enumerate(images):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"

@@ -135,6 +135,8 @@ SAMPLE_ROWS = [  # (argv with {root} for the files fixture, what the line must s
     (["a cat", "--cfg", "0.5"], "--cfg 0.5: must be >= 1 (1 = no guidance"),
     (["a cat", "--cfg", "1", "--negative", "blurry"], "--negative has no effect with --cfg 1"),
     (["a cat", "--n", "0"], "--n 0: must be >= 1"),
+    (["a cat", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["a cat", "--dtype", "fp8"], "--dtype 'fp8' is unknown: use one of auto, fp32, float32, bf16, bfloat16, fp16, float16, half"),
     (["a cat", "--size", "1000x1001"], "--size must be a multiple of 8 on both sides (the VAE"),
     (["a cat", "--size", "9000"], "--size 9000x9000 is out of range"),
     (["a cat", "--size", "big"], "--size must be a number"),

@@ -206,6 +206,43 @@ def test_t5_is_freed_before_the_dit_is_loaded(components):
     assert [im.size for im in images] == [(128, 128)] * 4
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and immune to a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "ancestral"])
+def test_batches_never_change_an_image(components, sampler, one_thread):
+    """3 prompts × n=2 in batches of 4 (then a last one of 2), each batch one DiT forward with CFG: every image
+    within 1/255 of the same image sampled alone (its own seed's noise, and for the ancestral sampler its own
+    generator for the noise of every step)."""
+    model = sigma.load_checkpoint(f"{components}/transformer")
+    t5model, tok = t5lib.load_t5(f"{components}/text_encoder", dtype=torch.float32), Tokenizer(f"{components}/tokenizer")
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    run = lambda b: np.stack([np.asarray(im, dtype=np.int16) for im in sample.generate(
+        ["a cat", "a red fox in snow", "a lighthouse at dawn"], model, t5model, tok, vaelib.load_vae(f"{components}/vae"),
+        size=(128, 128), steps=3, n=2, seed=5, sampler=sampler, batch_size=b, progress=False)])
+    alone, batched = run(1), run(4)
+    assert rows == [2] * 3 * 6 + [8] * 3 + [4] * 3  # (null + caption) × images per forward, 3 steps per batch
+    assert min(np.abs(alone[i] - alone[j]).max() for i in range(6) for j in range(i)) > 10  # six different images
+    assert np.abs(alone - batched).max() <= 1
+
+
+def test_dtype_aliases(components, tmp_path, capsys, one_thread):
+    images = {}
+    for dtype in ["fp32", "float32", "bf16", "BFloat16", "half", "float16"]:
+        assert cli(capsys, "a cat", "--model", components, "--size", 64, "--no-binning", "--steps", 1, "--seed", 0, "--dtype", dtype,
+                   "--out", tmp_path / dtype)[0] == 0
+        images[dtype] = pixels(tmp_path / dtype / "00000-0.png")
+    assert np.array_equal(images["fp32"], images["float32"]) and np.array_equal(images["bf16"], images["BFloat16"])
+    assert np.array_equal(images["half"], images["float16"])
+    assert not np.array_equal(images["fp32"], images["bf16"]) and not np.array_equal(images["fp32"], images["half"])
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 def cli(capsys, *args):
