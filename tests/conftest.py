@@ -18,3 +18,11 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices and convolutions: one thread is as fast, and immune to a busy machine
+    yield
+    torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ import hub
 import sample
 import sigma
 import train
-from test_sample import fake_hub_cache, one_thread, pixels, tree, write_components  # noqa: F401 (a fixture)
+from test_sample import fake_hub_cache, pixels, tree, write_components
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 

@@ -206,14 +206,6 @@ def test_t5_is_freed_before_the_dit_is_loaded(components):
     assert [im.size for im in images] == [(128, 128)] * 4
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and immune to a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("sampler", ["dpm", "ancestral"])
 def test_batches_never_change_an_image(components, sampler, one_thread):
     """3 prompts × n=2 in batches of 4 (then a last one of 2), each batch one DiT forward with CFG: every image

@@ -13,14 +13,6 @@ import train
 import vae as vae_lib
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread is as fast, and immune to a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_vae_loads_with_unit_latents(tmp_path, one_thread):
     # diffusers' layout, read by vae.load_vae; scaling_factor makes the latents of images it never measured ~unit std
     folder = quickstart.train_vae(str(tmp_path / "vae"), (8, 16), steps=3)
