@@ -26,3 +26,12 @@ def one_thread():
     torch.set_num_threads(1)  # tiny matrices and convolutions: one thread is as fast, and immune to a busy machine
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port free right now, for torchrun's rendezvous: a fixed one collides with any other run on the machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -229,7 +229,7 @@ def test_sample_refuses_a_lora_that_does_not_fit(tmp_path, capsys):
     assert "base_model.model.transformer_blocks.0.attn1.to_q.lora_A.weight (4, 128) (layer weight (64, 64))" in err
 
 
-def test_ddp_two_ranks_train_the_same_lora_as_one_process(tmp_path, base):
+def test_ddp_two_ranks_train_the_same_lora_as_one_process(tmp_path, base, free_port):
     """Each rank draws its own A (per-rank seeds); DDP starts them all from rank 0's, so 2 ranks × 2 images end
     with the adapters of 1 process × 4 images."""
     import subprocess
@@ -243,7 +243,7 @@ def test_ddp_two_ranks_train_the_same_lora_as_one_process(tmp_path, base):
         f"+ 1], 'rank%s.safetensors' % os.environ['RANK']))\n")
     common = ["--init", tmp_path / "base" / "model.safetensors", "--lora-rank", 2, "--lr", 1e-2, "--steps", 2]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29519", str(worker), *run_args(tmp_path / "ddp", *common, "--batch-size", 2)],
+                          free_port, str(worker), *run_args(tmp_path / "ddp", *common, "--batch-size", 2)],
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))

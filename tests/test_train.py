@@ -397,7 +397,7 @@ def test_kill_9_never_corrupts_latest(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer,tolerance,key_bias_tolerance", [("adamw", 1e-6, 1e-6), ("came", 2e-5, 1e-3)])
-def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, key_bias_tolerance):
+def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, key_bias_tolerance, free_port):
     """2 gloo ranks × batch 2 through torchrun = 1 process × batch 4, 2 micro-batches per step (the first one
     under no_sync). AdamW: 1e-6. CAME: 2e-5 (measured 5e-6), but for the attention key biases, whose gradient is
     zero in theory (softmax ignores a shift shared by all keys): CAME's scale-free step turns their round-off,
@@ -413,7 +413,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     common = ("--steps", 3, "--optimizer", optimizer, "--lr", 1e-3, "--grad-accum", grad_accum)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", str(worker), *run_args(tmp_path / "ddp", "--batch-size", 2, *common)],
+                          free_port, str(worker), *run_args(tmp_path / "ddp", "--batch-size", 2, *common)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
