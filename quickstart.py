@@ -320,7 +320,7 @@ def w2s_judge(comps, seeds, steps=20, cfg=4.5):
     data's images (clip_denoised's range bound, as the quick start clips pixels to theirs), decoded by the VAE the
     model was trained on. -> dict(score=(right-shape + right-colour fractions)/2 in %, shape, color, rmse)."""
     import vae as vae_lib
-    text, tok = t5lib.load_t5(comps["text_encoder"]), t5lib.Tokenizer(comps["tokenizer"], max_length=W2S_DIT["caption_tokens"])
+    text, tok = t5lib.load_t5(comps["text_encoder"]), Tokenizer(comps["tokenizer"], max_length=W2S_DIT["caption_tokens"])
     prompts = [c for c in ShapesDataset.captions(held_out=True) for _ in range(seeds)]
     y, mask = t5lib.encode(text, tok, prompts)  # (N, L, D), (N, L)
     y_null, m_null = t5lib.encode(text, tok, [""])  # (1, L, D), (1, L)

@@ -382,6 +382,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         print(f"train.py: done, step {step} in {latest_checkpoint(args.out)}; sample it with:\n"
               f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     return model
 
