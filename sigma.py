@@ -475,15 +475,17 @@ def load_checkpoint(src, config=None):
         model = PixArtSigma(config)
     expected = model.state_dict()
     added = sorted({int(k.split(".")[1]) for k in expected if k not in sd and (".attn.sr." in k or ".attn.norm." in k)})
+    new = dict(device=sd["x_embedder.proj.weight"].device)  # beside the checkpoint's tensors (a GPU state dict too)
     for i in added:  # new KV-compression layers start as the paper says: averaging conv, identity-like norm
         D, r = config.hidden_size, config.kv_compress_ratio
-        sd.update({f"blocks.{i}.attn.sr.weight": torch.full((D, 1, r, r), 1 / r**2), f"blocks.{i}.attn.sr.bias": torch.zeros(D),
-                   f"blocks.{i}.attn.norm.weight": torch.ones(D), f"blocks.{i}.attn.norm.bias": torch.zeros(D)})
+        sd.update({f"blocks.{i}.attn.sr.weight": torch.full((D, 1, r, r), 1 / r**2, **new),
+                   f"blocks.{i}.attn.sr.bias": torch.zeros(D, **new),
+                   f"blocks.{i}.attn.norm.weight": torch.ones(D, **new), f"blocks.{i}.attn.norm.bias": torch.zeros(D, **new)})
     if added:
         print(f"sigma: KV compression added to blocks {added}: conv initialised to 2×2 averaging, norm to 1/0 "
               f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
     if "y_embedder.y_embedding" not in sd:  # diffusers files don't store the null caption
-        sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels)
+        sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels, **new)
         print("sigma: no null-caption embedding in this checkpoint (diffusers format): zeros stored, "
               "encode T5(\"\") where one is needed", file=sys.stderr)
     missing = [k for k in expected if k not in sd]

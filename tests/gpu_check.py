@@ -1,0 +1,840 @@
+"""One command for every CUDA path of sigma: correctness against the references, speed, memory, training.
+
+    python tests/gpu_check.py --out gpu_check            # a CUDA machine: about 8 minutes, random full-size weights
+    python tests/gpu_check.py --dry --out /tmp/gpu_dry   # the same code paths on the CPU, tiny configs (< 1 minute)
+    python tests/gpu_check.py --only train,compile       # some sections (names: --list)
+
+Nothing is downloaded: every model has random weights (speed does not depend on the values) and the references
+(diffusers' PixArtTransformer2DModel / PixArtSigmaPipeline / AutoencoderKL, transformers' T5EncoderModel, PEFT)
+get the same tensors. diffusers missing? Ours is timed alone and the table says so.
+
+Every section is guarded: a failure prints its traceback to the log and a FAIL row, and the next section runs.
+Each section has an estimate of its cost; a section that would overrun --budget is skipped and named. The table
+comes last; --out gets gpu_check.log (everything printed) and gpu_check.json (every figure, written after each
+section, so a run cut short still leaves what it measured). Tests run --dry (tests/test_gpu_check.py).
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches a hub, here or on the GPU machine
+
+import diffusion  # noqa: E402
+import sample  # noqa: E402
+import sigma  # noqa: E402
+import t5 as t5lib  # noqa: E402
+import vae as vaelib  # noqa: E402
+from came import CAME  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+try:
+    import diffusers  # noqa: F401
+    HAVE_DIFFUSERS = True
+except ImportError:
+    HAVE_DIFFUSERS = False
+DATASHEET_TFLOPS = 989  # H100/H200 SXM dense bf16 (vendor datasheet): the MFU denominator
+
+
+# ---------------------------------------------------------------------------------------------- the device seam
+class Cuda:
+    """Every CUDA-specific call the check makes. --dry swaps in Host: the rest of the script is the same code."""
+    type, backend = "cuda", "nccl"
+    OutOfMemory = torch.cuda.OutOfMemoryError
+
+    def __init__(self):
+        self.device = torch.device("cuda")
+        self.name = torch.cuda.get_device_name()
+        self.total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity checks mean fp32; bf16 is what is timed
+        torch.backends.cudnn.allow_tf32 = False
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+    def reset_peak(self):
+        torch.cuda.reset_peak_memory_stats()
+
+    def allocated(self):
+        return torch.cuda.memory_allocated()
+
+    def peak(self):
+        return torch.cuda.max_memory_allocated()
+
+    def free(self):
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def compile(self, model):
+        return torch.compile(model)
+
+
+class Host(Cuda):
+    """--dry: the CPU. No memory counters (figures read 0), nothing to synchronise, gloo for the process group,
+    torch.compile's tracing without code generation."""
+    type, backend = "cpu", "gloo"
+
+    def __init__(self):
+        self.device, self.name, self.total_gib = torch.device("cpu"), platform.processor() or "CPU", 0.0
+
+    def sync(self):
+        pass
+
+    def reset_peak(self):
+        pass
+
+    def allocated(self):
+        return 0
+
+    def peak(self):
+        return 0
+
+    def free(self):
+        gc.collect()
+
+    def compile(self, model):  # traced forward and backward as on the GPU, without inductor's minutes of C++ builds
+        return torch.compile(model, backend="aot_eager")
+
+
+# ------------------------------------------------------------------------------------------------------- plans
+@dataclasses.dataclass
+class Plan:
+    """What the check runs: the released sizes on a GPU, tiny stand-ins with --dry."""
+    dit: dict                  # "1024" / "2K" -> SigmaConfig: the model for a side up to 1536, and above
+    t5: t5lib.T5Config
+    vae: vaelib.VAEConfig
+    sides: tuple               # image sides timed (pixels)
+    train: tuple               # (pixels, batch) of the training steps timed
+    max_batch: int             # upper end of the largest-batch search
+    matmul: int                # side of the square bf16 matmul that measures the chip
+    parity_side: int           # pixels of the XL/2 parity forward
+    kv_grid: int               # token-grid side of the KV-compression parity check
+    budget: float              # default --budget, seconds
+    scale: float               # section estimates are seconds on an H200; x scale here
+
+
+FULL = Plan(dit={"1024": sigma.CONFIGS["1024"], "2K": sigma.CONFIGS["2K"]}, t5=t5lib.T5Config(), vae=vaelib.SDXL,
+            sides=(1024, 2048, 4096), train=((512, 32), (1024, 8)), max_batch=256, matmul=8192, parity_side=1024,
+            kv_grid=64, budget=450, scale=1.0)
+_TINY = dict(depth=4, hidden_size=64, num_heads=4, caption_channels=32)
+DRY = Plan(dit={"1024": sigma.SigmaConfig(**_TINY, sample_size=16, pe_interpolation=1.0),
+                "2K": sigma.SigmaConfig(**_TINY, sample_size=32, pe_interpolation=2.0)},
+           t5=t5lib.T5Config(vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2),
+           vae=vaelib.VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                                tile_latent=16, tile_above=128 * 128),
+           sides=(64, 128, 256), train=((64, 2), (128, 2)), max_batch=4, matmul=256, parity_side=128, kv_grid=8,
+           budget=120, scale=0.0)
+
+
+def deep_half(config):
+    return tuple(range(config.depth // 2, config.depth))  # paper Tab. 3d: compress the deep half
+
+
+def dit_for(plan, side):
+    return plan.dit["1024" if side <= 1536 else "2K"]
+
+
+def dit_flops(config, T, L=300, kv=False):
+    """One forward, one image: 2·weights per token for the linear layers (14·D² per block on image tokens, 2·D²
+    on caption tokens), 4·T·T'·D for self-attention (T' = T/4 in KV-compressed blocks), 4·T·L·D for cross-attention."""
+    D, flops = config.hidden_size, 0.0
+    for i in range(config.depth):
+        keys = T // config.kv_compress_ratio**2 if kv and i >= config.depth // 2 else T
+        flops += 2 * 14 * D * D * T + 2 * 2 * D * D * L + 4 * T * keys * D + 4 * T * L * D
+    return flops
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+class Skip(Exception):
+    """A step that does not fit in what is left of the budget; the section stops and says so."""
+
+
+class Check:
+    def __init__(self, dev, plan, out, budget):
+        self.dev, self.plan, self.out = dev, plan, out
+        self.start, self.budget = time.perf_counter(), budget
+        self.rows, self.sections, self.figures = [], {}, {}
+        self.section = ""
+        self.work = tempfile.mkdtemp(prefix="gpu_check_")  # scratch files, not --out
+
+    def left(self):
+        return self.budget - (time.perf_counter() - self.start)
+
+    def need(self, seconds, what):
+        """Raise Skip unless `seconds` (H200 estimate) fit in what is left."""
+        if seconds * self.plan.scale > self.left():
+            raise Skip(f"{what}: needs ~{seconds:.0f} s, {max(0, self.left()):.0f} s left")
+
+    def row(self, what, ours, ref=None, unit="s", goal=None, note=""):
+        """One line of the table; for times, ratio = reference/ours (> 1: ours faster)."""
+        ratio = None
+        if unit == "s" and isinstance(ours, (int, float)) and isinstance(ref, (int, float)) and ours and ref:
+            ratio = ref / ours
+        r = dict(section=self.section, what=what, ours=ours, ref=ref, unit=unit, ratio=ratio, goal=goal, note=note)
+        self.rows.append(r)
+        print(f"  {what:<58} ours {_fmt(ours, unit):>11}  ref {_fmt(ref, unit):>11}"
+              + (f"  {ratio:5.2f}x" if ratio else "") + (f"  [{goal}]" if goal else "") + (f"  {note}" if note else ""),
+              flush=True)
+
+    def time(self, fn, warmup=1, repeat=3):
+        """Median wall seconds of `repeat` calls after `warmup` (the device synchronised around each)."""
+        for _ in range(warmup):
+            fn()
+        self.dev.sync()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            self.dev.sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    @contextlib.contextmanager
+    def peak(self, resident=0):
+        """Peak bytes allocated inside the block, counted above what was allocated at its start, plus `resident`
+        (the weights a user would have on the device in this phase). Read box[0] after the block."""
+        self.dev.free()
+        self.dev.reset_peak()
+        base, box = self.dev.allocated(), []
+        yield box
+        self.dev.sync()
+        box.append((self.dev.peak() - base + resident) / 2**30)
+
+    def save(self):
+        with open(os.path.join(self.out, "gpu_check.json"), "w") as f:
+            json.dump(dict(device=self.dev.name, torch=torch.__version__, diffusers=HAVE_DIFFUSERS,
+                           budget_s=self.budget, elapsed_s=round(time.perf_counter() - self.start, 1),
+                           sections=self.sections, rows=self.rows, figures=self.figures), f, indent=1, default=str)
+
+    def run(self, name, fn, estimate):
+        self.section = name
+        print(f"\n== {name} (estimate {estimate * self.plan.scale:.0f} s, {self.left():.0f} s left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            self.need(estimate, name)
+            fn(self)
+            status = "ok"
+        except Skip as e:
+            status = f"skipped: {e}"
+            print(f"  SKIPPED {e}", flush=True)
+        except Exception as e:  # noqa: BLE001 -- a broken section must not stop the others
+            traceback.print_exc(file=sys.stdout)
+            status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.row(f"{name} raised", status, unit="")
+        finally:
+            self.dev.free()
+        self.sections[name] = dict(status=status, seconds=round(time.perf_counter() - t0, 1))
+        self.save()
+
+
+def _fmt(v, unit):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v[:11]
+    if unit == "s":
+        return f"{v:.3f} s" if v < 100 else f"{v:.0f} s"
+    return f"{v:.3g} {unit}".strip()
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ------------------------------------------------------------------------------------------- model building
+def random_diffusers_dit(config, device, dtype=torch.float32):
+    """diffusers' PixArtTransformer2DModel for `config`, built on `device`, every tensor random at a trained-
+    looking scale (its zero-inits would hide mistakes): weights at fan_in^-½, vectors and tables at 0.02."""
+    from diffusers import PixArtTransformer2DModel
+    kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+    with torch.device(device):
+        ref = PixArtTransformer2DModel(**kwargs).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    return ref.to(dtype)
+
+
+def random_dit(config, device, dtype):
+    """Our DiT with random weights (speed only; no reference needed)."""
+    with torch.device(device):
+        model = sigma.PixArtSigma(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    return model.to(dtype).eval()
+
+
+def dit_inputs(config, side, N, device, dtype, used=40):
+    h = side // 8
+    x = torch.randn(N, config.in_channels, h, h, device=device, dtype=dtype)
+    t = torch.full((N,), 999, device=device)
+    y = torch.randn(N, 300, config.caption_channels, device=device, dtype=dtype)
+    mask = torch.zeros(N, 300, device=device)
+    mask[:, :used] = 1
+    return x, t, y, mask
+
+
+def weight_bytes(*modules):
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+def check_dit(c):
+    """The XL/2 DiT against diffusers' on the same random weights: fp32 (≈ exact) and bf16 (each against the
+    fp32 reference: ours must round no worse than diffusers)."""
+    dev, config = c.dev, c.plan.dit["1024"]
+    if not HAVE_DIFFUSERS:
+        raise Skip("diffusers not installed")
+    ref = random_diffusers_dit(config, dev.device)
+    ours = sigma.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
+    x, t, y, mask = dit_inputs(config, c.plan.parity_side, 2, dev.device, torch.float32)
+    t = torch.tensor([999, 250], device=dev.device)
+    fwd = lambda m, dt: m(x.to(dt), t, y.to(dt), mask).float()  # noqa: E731
+    ref_fwd = lambda m, dt: m(x.to(dt), encoder_hidden_states=y.to(dt), timestep=t,  # noqa: E731
+                              encoder_attention_mask=mask).sample.float()
+    with torch.no_grad():
+        expected = ref_fwd(ref, torch.float32)
+        e32 = rel_err(fwd(ours, torch.float32), expected)
+        ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+        e16, r16 = rel_err(fwd(ours, torch.bfloat16), expected), rel_err(ref_fwd(ref, torch.bfloat16), expected)
+    c.figures["dit_rel_err"] = dict(fp32=e32, bf16_ours=e16, bf16_diffusers=r16)
+    c.row(f"XL/2 fp32 vs diffusers fp32, rel. error", e32, unit="", goal="≤ 1e-5: " + _yes(e32 <= 1e-5))
+    c.row(f"XL/2 bf16 vs diffusers fp32, rel. error (ref: diffusers bf16)", e16, r16, unit="",
+          goal="≤ 1.25× diffusers': " + _yes(e16 <= 1.25 * r16 + 1e-4))
+
+
+def _yes(ok):
+    return "ok" if ok else "NO"
+
+
+def check_kv(c):
+    """KV-compressed self-attention (SDPA kernels on this device) vs attention written out over keys and values
+    compressed by hand: the official conv + LayerNorm, strided 'uniform' and 2×2 'avgpool'."""
+    from test_sigma import official_kv_attention, reference_kv_attention
+    config, g = c.plan.dit["2K"], c.plan.kv_grid
+    D, S = config.hidden_size, config.num_heads
+    x = torch.randn(2, g * g, D, device=c.dev.device)
+    for mode in ("conv", "uniform", "avgpool"):
+        with torch.device(c.dev.device):
+            attn = sigma.SelfAttention(D, S, kv_compress=mode)
+        with torch.no_grad():
+            for p in attn.parameters():
+                p.normal_(0, 0.3 if p.dim() != 2 else D**-0.5)  # a trained-looking conv and norm, not the init
+            expected = (official_kv_attention(attn, x, g, g) if mode == "conv"
+                        else reference_kv_attention(attn, x, g, g, mode))
+            e32 = rel_err(attn(x, (g, g)), expected)
+            e16 = rel_err(attn.to(torch.bfloat16)(x.bfloat16(), (g, g)), expected)
+        c.row(f"KV '{mode}' attention, {g}×{g} tokens, fp32 / bf16 rel. error", e32, e16, unit="",
+              goal="fp32 ≤ 1e-5: " + _yes(e32 <= 1e-5), note="(ref column: our bf16)")
+
+
+def check_lora(c):
+    """A PEFT LoRA (every official target, random A and B) on diffusers' XL/2, merged into our weights by
+    lora.merge, vs PEFT's unmerged forward, fp32."""
+    if not HAVE_DIFFUSERS:
+        raise Skip("diffusers not installed")
+    import lora
+    from test_lora import peft_forward, peft_lora
+    config = c.plan.dit["1024"]
+    ref = random_diffusers_dit(config, c.dev.device)
+    x, t, y, mask = dit_inputs(config, 256, 2, c.dev.device, torch.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        model = peft_lora(ref, folder, std=0.02, r=16, lora_alpha=8)
+        expected = peft_forward(model, x, t, y, mask)
+        ours = sigma.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
+        with torch.no_grad():
+            err = rel_err(lora.merge(ours, [lora.read(folder)])(x, t, y, mask), expected)
+            base = rel_err(ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample, expected)
+    c.row("LoRA r16 merged here vs PEFT, rel. error (ref: base vs PEFT)", err, base, unit="",
+          goal="≤ 1e-4 and ≪ ref: " + _yes(err <= 1e-4 and base > 100 * err))
+
+
+def check_pipeline(c):
+    """The tiny random pipeline of tests/test_sample.py on this device, fp32: sample.generate vs diffusers'
+    PixArtSigmaPipeline, same files, same seed, 20 steps: max pixel difference in 1/255."""
+    if not HAVE_DIFFUSERS:
+        raise Skip("diffusers not installed")
+    from test_sample import diffusers_pipeline, write_components
+    d = c.dev.device
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_components(os.path.join(tmp, "pipeline"))
+        pipe = diffusers_pipeline(root).to(d)
+        pipe.set_progress_bar_config(disable=True)
+        model = sigma.load_checkpoint(f"{root}/transformer").to(d)
+        text = t5lib.load_t5(f"{root}/text_encoder", torch.float32, d)
+        vae = vaelib.load_vae(f"{root}/vae", device=d)
+        prompt = "a small cactus with a happy face in the sahara desert"
+        ours = sample.generate([prompt], model, text, Tokenizer(f"{root}/tokenizer"), vae, size=(256, 256), steps=20,
+                               seed=3, progress=False, output_type="np")[0]
+        ref = pipe(prompt, height=256, width=256, num_inference_steps=20, clean_caption=False, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    diff = float(abs(ours - ref).max() * 255)
+    c.row("tiny pipeline 256², 20 steps, fp32: max |Δ| (1/255)", diff, unit="", goal="≤ 1: " + _yes(diff <= 1))
+
+
+def check_ddp(c):
+    """python -m torch.distributed.run --nproc_per_node 1 quickstart.py train … --bf16 --grad-checkpoint: train.main
+    through the process group (NCCL on a GPU), 3 steps, a checkpoint, finite losses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with __import__("socket").socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", port,
+               os.path.join(ROOT, "quickstart.py"), "train", "--out", tmp, "--steps", "3", "--save-every", "3",
+               "--log-every", "1", "--bf16", "--grad-checkpoint", "--preview-every", "0", "--device", c.dev.type]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, c.left()), cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        seconds = time.perf_counter() - t0
+        print(res.stdout[-1500:] + res.stderr[-3000:], flush=True)
+        losses = []
+        if os.path.isfile(os.path.join(tmp, "log.jsonl")):
+            losses = [json.loads(line)["loss"] for line in open(os.path.join(tmp, "log.jsonl")) if '"loss"' in line]
+        ok = res.returncode == 0 and len(losses) >= 3 and all(math.isfinite(v) for v in losses)
+    c.row(f"torchrun 1 rank ({c.dev.backend}), bf16 + grad ckpt, 3 steps: exit {res.returncode}", seconds,
+          goal="finite losses, checkpoint: " + _yes(ok), note=f"losses {[round(v, 4) for v in losses]}")
+    if not ok:
+        raise RuntimeError(f"training through torchrun failed (exit {res.returncode})")
+
+
+# ------------------------------------------------------------------------------------------------- speed
+def speed_dit(c, compiled=False):
+    """DiT forward, the CFG batch of 2, bf16, 40 of 300 caption tokens used: diffusers vs ours eager, ours with
+    KV compression in the deep half (and with compiled=True: torch.compile of ours, plain and KV)."""
+    dev, dtype = c.dev, torch.bfloat16
+    for side in (c.plan.sides[0], c.plan.sides[-1]) if compiled else c.plan.sides:  # compiling is slow: the ends
+        config = dit_for(c.plan, side)
+        cost = {1024: 8, 2048: 25, 4096: 90}.get(side, 1) * (3 if compiled else 1)
+        c.need(cost, f"DiT forward {side}²")
+        T = (side // 16) ** 2
+        x, t, y, mask = dit_inputs(config, side, 2, dev.device, dtype)
+        ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
+        ours = (sigma.load_checkpoint(ref.state_dict(), config) if ref is not None
+                else random_dit(config, dev.device, torch.float32)).to(dtype)
+        kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=deep_half(config)))
+        kv = kv.to(dtype)
+        reps = (3, 1) if side <= 2048 else (2, 1)
+        with torch.no_grad():
+            t_ref = None
+            if ref is not None:
+                t_ref = c.time(lambda: ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask),
+                               warmup=reps[1], repeat=reps[0])
+            models = {"": ours, " + KV deep half": kv}
+            if compiled:
+                models = {" compiled": dev.compile(ours), " + KV compiled": dev.compile(kv)}
+            for label, m in models.items():
+                secs = c.time(lambda: m(x, t, y, mask), warmup=2 if compiled else reps[1], repeat=reps[0])
+                tflops = 2 * dit_flops(config, T, kv="KV" in label) / secs / 1e12
+                c.figures[f"dit_forward_{side}{label.replace(' ', '_')}"] = dict(seconds=secs, ref=t_ref, tflops=tflops)
+                c.row(f"DiT forward {side}², batch 2, bf16{label} ({tflops:.0f} TFLOP/s)", secs, t_ref,
+                      goal="≥ 1.5×: " + _yes(t_ref / secs >= 1.5) if t_ref else None)
+        del ref, ours, kv, models
+        dev.free()
+
+
+def speed_compile(c):
+    speed_dit(c, compiled=True)
+
+
+class Phases:
+    """Peak memory and seconds of each phase of sample.generate (or diffusers' pipeline), from forward pre-hooks on the three
+    models: T5, DiT (from its first forward), VAE (from the decoder's first forward); over repeated runs, the
+    largest. Each counts what is allocated above the start plus the weights a user has on the device in that
+    phase: sample.py frees T5 before the DiT arrives, and the VAE comes with the DiT."""
+
+    def __init__(self, c, text, dit, decoder):
+        self.c, self.peaks, self.seconds, self.phase = c, {}, {}, None
+        self.weights = dict(t5=weight_bytes(text), dit=weight_bytes(dit, decoder), vae=weight_bytes(dit, decoder))
+        self.handles = [m.register_forward_pre_hook(lambda *a, name=name: self.enter(name))
+                        for name, m in (("t5", text), ("dit", dit), ("vae", decoder))]
+
+    def __enter__(self):
+        self.c.dev.free()
+        self.base = self.c.dev.allocated()
+        return self
+
+    def enter(self, phase):
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.c.dev.reset_peak()
+            self.t0 = time.perf_counter()
+
+    def close(self):
+        if self.phase:
+            self.c.dev.sync()
+            peak = (self.c.dev.peak() - self.base + self.weights[self.phase]) / 2**30
+            self.peaks[self.phase] = max(peak, self.peaks.get(self.phase, 0.0))
+            self.seconds[self.phase] = time.perf_counter() - self.t0  # the last run's
+
+    def __exit__(self, *exc):
+        self.close()
+        for h in self.handles:
+            h.remove()
+
+
+def speed_pipeline(c):
+    """Whole sample.generate (T5-XXL, 20 DPM-Solver++ steps with CFG, VAE decode), one image, exact size, bf16:
+    ours eager and with KV compression vs diffusers' PixArtSigmaPipeline on the same weights; peak GPU memory of
+    each phase (T5 / DiT / VAE) and the --low-memory total (T5 on the CPU: the DiT and VAE phases only)."""
+    from benchmark import hf_t5, random_t5
+    dev, dtype, plan = c.dev, torch.bfloat16, c.plan
+    c.need(20, "T5-XXL and the VAE")
+    spiece = tiny_spiece(c.work)
+    text, tok = random_t5(plan.t5, dtype, dev.device), Tokenizer(spiece)
+    ae = random_vae(plan.vae, dev.device, dtype)
+    prompt = "a small cactus with a happy face in the sahara desert"
+    for side in plan.sides:
+        config = dit_for(plan, side)
+        c.need({1024: 15, 2048: 45, 4096: 150}.get(side, 1), f"pipeline {side}²")
+        ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
+        ours = (sigma.load_checkpoint(ref.state_dict(), config) if ref is not None
+                else random_dit(config, dev.device, torch.float32)).to(dtype)
+        kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=deep_half(config)))
+        kv = kv.to(dtype)
+        warm, reps = (1, 2) if side <= 1024 else (0, 1)  # a 4096² image takes most of a minute: once is enough
+        t_ref = ref_peak = ref_phases = None
+        if ref is not None:
+            from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+            from transformers import T5Tokenizer
+            pipe = PixArtSigmaPipeline(tokenizer=T5Tokenizer.from_pretrained(os.path.dirname(spiece)), text_encoder=hf_t5(text), vae=diffusers_vae(ae),
+                                       transformer=ref, scheduler=DPMSolverMultistepScheduler())
+            pipe.set_progress_bar_config(disable=True)
+            if side * side > plan.vae.tile_above:
+                pipe.vae.enable_tiling()  # untiled, its mid-block attention over 262k pixels does not fit
+            with Phases(c, pipe.text_encoder, ref, pipe.vae.decoder) as ph_ref:
+                t_ref = c.time(lambda: pipe(prompt, height=side, width=side, num_inference_steps=20,
+                                            use_resolution_binning=False, clean_caption=False,
+                                            generator=torch.Generator("cpu").manual_seed(0)), warm, reps)
+            ref_peak = max(ph_ref.peaks.values())
+            ref_phases = ph_ref.seconds
+            del pipe
+        for label, m in {"": ours, " + KV deep half": kv}.items():
+            with Phases(c, text, m, ae.decoder) as ph:
+                secs = c.time(lambda: sample.generate([prompt], m, text, tok, ae, size=(side, side), binning=False,
+                                                      progress=False), warm, reps)
+            c.figures[f"pipeline_{side}{label.replace(' ', '_')}"] = dict(
+                seconds=secs, ref=t_ref, peaks_gib=ph.peaks, ref_peak_gib=ref_peak, phase_seconds=ph.seconds,
+                ref_phase_seconds=ref_phases)
+            print(f"  phases (s): ours {_phases(ph.seconds)}; diffusers {_phases(ref_phases or {})}", flush=True)
+            c.row(f"pipeline {side}², 20 steps + CFG, bf16{label}", secs, t_ref,
+                  goal="≥ 1.5×: " + _yes(t_ref / secs >= 1.5) if t_ref else None)
+            low = max(ph.peaks.get("dit", 0), ph.peaks.get("vae", 0))
+            c.row(f"  peak GiB: T5 {ph.peaks.get('t5', 0):.1f} / DiT {ph.peaks.get('dit', 0):.1f} / "
+                  f"VAE {ph.peaks.get('vae', 0):.1f}", max(ph.peaks.values()), ref_peak, unit="GiB")
+            c.row(f"  peak GiB with --low-memory (T5 on the CPU)", low, unit="GiB",
+                  goal="≤ 16 GB: " + _yes(low * 2**30 <= 16e9) if side == max(plan.sides) else None)
+        del ref, ours, kv
+        dev.free()
+
+
+def _phases(seconds):
+    return " / ".join(f"{k} {v:.3f}" for k, v in seconds.items())
+
+
+def profile(c):
+    """Where a 1024² sample.generate spends its time: the torch profiler's top operators by device time (each
+    kernel is listed under its operator and alone: the totals line below the table is the device's busy time)."""
+    from benchmark import random_t5
+    dev, plan, dtype = c.dev, c.plan, torch.bfloat16
+    side = plan.sides[0]
+    config = dit_for(plan, side)
+    text, tok = random_t5(plan.t5, dtype, dev.device), Tokenizer(tiny_spiece(c.work))
+    ae, dit = random_vae(plan.vae, dev.device, dtype), random_dit(config, dev.device, dtype)
+    run = lambda: sample.generate(["a cactus"], dit, text, tok, ae, size=(side, side), binning=False,  # noqa: E731
+                                  progress=False)
+    run()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        dev.sync()
+    wall = time.perf_counter() - t0
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)  # its last lines: the totals
+    c.figures["profile_1024"] = dict(wall=wall)
+    c.row(f"profiled {side}² generate (the table above: where the time goes)", wall)
+
+
+def tiny_spiece(folder):
+    """A small sentencepiece model with T5's special ids. The tokenizer does not change the cost (every prompt is
+    padded to 300 tokens), so the released 32k-piece one is not needed."""
+    import sentencepiece
+    path = os.path.join(folder, "tokenizer", "spiece.model")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        words = "a small cactus with happy face in the sahara desert red fox snow lighthouse on cliff at dawn".split()
+        corpus = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
+        sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=path[:-6],
+                                                 vocab_size=40, model_type="word", pad_id=0, eos_id=1, unk_id=2,
+                                                 bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    return path
+
+
+def random_vae(config, device, dtype):
+    with torch.device(device):
+        return vaelib.AutoencoderKL(config).to(dtype).eval()  # default init: random, fine for timing
+
+
+def diffusers_vae(ours):
+    from diffusers import AutoencoderKL
+    cfg = ours.config
+    with torch.device(ours.post_quant_conv.weight.device):
+        ref = AutoencoderKL(block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                            latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+                            down_block_types=("DownEncoderBlock2D",) * len(cfg.block_out_channels),
+                            up_block_types=("UpDecoderBlock2D",) * len(cfg.block_out_channels),
+                            scaling_factor=cfg.scaling_factor, sample_size=cfg.tile_latent * 8)
+    ref.load_state_dict(ours.state_dict())
+    return ref.to(ours.post_quant_conv.weight.dtype).eval()
+
+
+def speed_t5(c):
+    """T5-XXL encode, bf16, 300 tokens: the CFG pair (prompt + negative) and a training batch of 32; ours vs
+    transformers' T5EncoderModel sharing the same tensors; peak memory with the weights."""
+    from benchmark import hf_t5, padded_ids, random_t5
+    dev = c.dev
+    model = random_t5(c.plan.t5, torch.bfloat16, dev.device)
+    ref = hf_t5(model)
+    for N in (2, 32):
+        ids, mask = padded_ids(model.config, N, device=dev.device)
+        with torch.no_grad():
+            t_ref = c.time(lambda: ref(input_ids=ids, attention_mask=mask))
+            with c.peak(weight_bytes(model)) as box:
+                secs = c.time(lambda: model(ids, mask))
+        c.figures[f"t5_{N}"] = dict(seconds=secs, ref=t_ref, peak_gib=box[0])
+        c.row(f"T5-XXL encode {N}×300 tokens, bf16 (peak {box[0]:.1f} GiB)", secs, t_ref)
+
+
+def speed_vae(c):
+    """VAE decode, bf16: 1024² whole and 4096² tiled (ours tiles by itself above 2048²; diffusers' tiling on);
+    time and peak memory with the weights."""
+    dev, dtype = c.dev, torch.bfloat16
+    ours = random_vae(c.plan.vae, dev.device, dtype)
+    ref = diffusers_vae(ours) if HAVE_DIFFUSERS else None
+    for side in (c.plan.sides[0], c.plan.sides[-1]):
+        tiled = side * side > c.plan.vae.tile_above
+        reps = (1, 2) if side == c.plan.sides[0] else (0, 1)  # (warm-up, timed)
+        z = torch.randn(1, 4, side // 8, side // 8, device=dev.device, dtype=dtype)
+        with torch.no_grad():
+            t_ref = ref_peak = None
+            if ref is not None:
+                ref.enable_tiling() if tiled else ref.disable_tiling()
+                with c.peak(weight_bytes(ref)) as rbox:
+                    t_ref = c.time(lambda: ref.decode(z / ours.scaling_factor), *reps)
+                ref_peak = rbox[0]
+            with c.peak(weight_bytes(ours)) as box:
+                secs = c.time(lambda: ours.decode(z), *reps)
+        c.figures[f"vae_{side}"] = dict(seconds=secs, ref=t_ref, peak_gib=box[0], ref_peak_gib=ref_peak)
+        c.row(f"VAE decode {side}²{' tiled' if tiled else ''}, bf16", secs, t_ref)
+        c.row(f"  peak GiB", box[0], ref_peak, unit="GiB")
+
+
+# ------------------------------------------------------------------------------------------------- training
+def train_step_fn(model, opt, x0, y, mask, compile=None):
+    net = compile(model) if compile else model
+
+    def step():
+        t = torch.randint(0, 1000, (x0.shape[0],), device=x0.device)
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16):
+            loss = diffusion.training_losses(net, x0, t, y, mask)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def train_batch(config, px, N, device):
+    side = px // 8
+    x0 = torch.randn(N, config.in_channels, side, side, device=device)
+    y = torch.randn(N, 300, config.caption_channels, device=device)
+    mask = torch.zeros(N, 300, device=device)
+    mask[:, :60] = 1
+    return x0, y, mask
+
+
+def mfu(config, px, N, secs, measured):
+    flops = 3 * N * dit_flops(config, (px // 16) ** 2, L=60)  # forward + backward ≈ 3 forwards
+    return flops / secs / 1e12, flops / secs / (DATASHEET_TFLOPS * 1e12), flops / secs / (measured * 1e12)
+
+
+def speed_train(c, compiled=False):
+    """One training step (IDDPM loss, backward, CAME) in bf16 autocast, fp32 weights: ours ± gradient
+    checkpointing vs diffusers' model under the same loss; images/s and MFU (FLOPs as dit_flops, fwd+bwd = 3×)."""
+    dev, plan = c.dev, c.plan
+    config = plan.dit["1024"]
+    measured = c.figures.get("matmul_tflops") or DATASHEET_TFLOPS
+    ours = random_dit(config, dev.device, torch.float32).train()
+    ref = random_diffusers_dit(config, dev.device).train() if HAVE_DIFFUSERS and not compiled else None
+    ref_fn = ref and (lambda x, t, y, mask: ref(x, encoder_hidden_states=y, timestep=t,
+                                                 encoder_attention_mask=mask).sample)
+    for px, N in plan.train[-1:] if compiled else plan.train:  # compiling is slow: the largest size only
+        c.need(30 if not compiled else 90, f"training {px}² batch {N}")
+        x0, y, mask = train_batch(config, px, N, dev.device)
+        opt = CAME(ours.parameters(), lr=2e-5)
+        for ckpt in ((True,) if compiled else (False, True)):
+            ours.gradient_checkpointing = ckpt
+            t_ref = None
+            if ref is not None:
+                ref_opt = CAME(ref.parameters(), lr=2e-5)
+                ref.enable_gradient_checkpointing() if ckpt else ref.disable_gradient_checkpointing()
+                try:
+                    t_ref = c.time(train_step_fn(ref_fn, ref_opt, x0, y, mask))
+                except dev.OutOfMemory:
+                    t_ref = "OOM"
+                del ref_opt
+                dev.free()
+            try:
+                secs = c.time(train_step_fn(ours, opt, x0, y, mask, compiled and dev.compile), warmup=2 if compiled else 1)
+            except dev.OutOfMemory:
+                c.row(f"train {px}² batch {N}{' +ckpt' if ckpt else ''}", "OOM", t_ref)
+                dev.free()
+                continue
+            tf, m_sheet, m_meas = mfu(config, px, N, secs, measured)
+            label = f"train {px}² b{N} bf16 CAME{' +ckpt' if ckpt else ''}{' compiled' if compiled else ''}"
+            c.figures[label] = dict(seconds=secs, ref=t_ref, images_per_s=N / secs, tflops=tf, mfu=m_sheet,
+                                    mfu_of_measured=m_meas)
+            c.row(f"{label}: {N / secs:.1f} img/s, MFU {m_sheet:.0%} ({m_meas:.0%} of measured)", secs,
+                  t_ref if isinstance(t_ref, float) else None, goal="MFU ≥ 40%: " + _yes(m_sheet >= 0.4),
+                  note="ref OOM" if t_ref == "OOM" else "")
+        del opt
+        dev.free()
+
+
+def speed_train_compiled(c):
+    speed_train(c, compiled=True)
+
+
+def max_batch(c):
+    """The largest training batch at the largest training size that fits with gradient checkpointing (doubling
+    until out of memory, then the midpoints), and its images/s."""
+    dev, plan = c.dev, c.plan
+    config = plan.dit["1024"]
+    px = plan.train[-1][0]
+    model = random_dit(config, dev.device, torch.float32).train()
+    model.gradient_checkpointing = True
+    opt = CAME(model.parameters(), lr=2e-5)
+    fits, too_big, N, speed = 0, None, plan.train[-1][1], {}
+    while N <= plan.max_batch and (too_big is None or too_big - fits > max(1, fits // 4)):
+        c.need(N * 0.1, f"batch {N}")  # ~15 images/s at 1024² with checkpointing
+        try:
+            x0, y, mask = train_batch(config, px, N, dev.device)
+            speed[N] = N / c.time(train_step_fn(model, opt, x0, y, mask), warmup=0, repeat=1)
+            fits = N
+            print(f"  batch {N}: fits, {speed[N]:.1f} img/s", flush=True)
+        except dev.OutOfMemory:
+            too_big = N
+            print(f"  batch {N}: out of memory", flush=True)
+        x0 = y = mask = None
+        opt.zero_grad(set_to_none=True)
+        dev.free()
+        N = N * 2 if too_big is None else (fits + too_big) // 2
+    c.figures["max_batch"] = dict(pixels=px, batch=fits, images_per_s=speed.get(fits), first_oom=too_big)
+    c.row(f"largest batch {px}² +ckpt (first OOM: {too_big or f'none ≤ {plan.max_batch}'})", fits, unit="images",
+          note=f"{speed.get(fits, 0):.1f} img/s")
+
+
+def env(c):
+    """The chip: name, memory, a large bf16 matmul's TFLOP/s (the MFU denominator beside the datasheet's)."""
+    n = c.plan.matmul
+    a = torch.randn(n, n, device=c.dev.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=c.dev.device, dtype=torch.bfloat16)
+    secs = c.time(lambda: a @ b, warmup=3, repeat=10)
+    c.figures["matmul_tflops"] = 2 * n**3 / secs / 1e12
+    c.figures["device"] = dict(name=c.dev.name, memory_gib=c.dev.total_gib, torch=torch.__version__,
+                               cuda=torch.version.cuda, diffusers=HAVE_DIFFUSERS)
+    c.row(f"{c.dev.name}, {c.dev.total_gib:.0f} GiB, torch {torch.__version__}: bf16 matmul {n}³",
+          c.figures["matmul_tflops"], unit="TFLOP/s")
+
+
+# (name, function, estimate in H200 seconds) in the order they run: correctness first, then what users wait for
+SECTIONS = [("env", env, 5), ("dit", check_dit, 20), ("kv", check_kv, 5), ("pipeline", check_pipeline, 20),
+            ("sample", speed_pipeline, 220), ("forward", speed_dit, 60), ("t5", speed_t5, 20), ("vae", speed_vae, 30),
+            ("lora", check_lora, 20), ("ddp", check_ddp, 40), ("train", speed_train, 60), ("max_batch", max_batch, 60),
+            ("profile", profile, 15), ("compile", speed_compile, 120), ("train_compiled", speed_train_compiled, 90)]
+
+
+def table(c):
+    print(f"\n{'=' * 120}\nsigma GPU check: {c.dev.name}, torch {torch.__version__}, diffusers "
+          f"{'yes' if HAVE_DIFFUSERS else 'NOT INSTALLED (ours alone)'}, {time.perf_counter() - c.start:.0f} s\n"
+          f"{'section':<10} {'what':<66} {'ours':>11} {'reference':>11} {'ratio':>6}  goal")
+    for r in c.rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        print(f"{r['section']:<10} {r['what'][:66]:<66} {_fmt(r['ours'], r['unit']):>11} {_fmt(r['ref'], r['unit']):>11}"
+              f" {ratio:>6}  {r['goal'] or ''}")
+    for name, s in c.sections.items():
+        if s["status"] != "ok":
+            print(f"{name:<10} {s['status']}")
+    print("ratio: reference time / ours (> 1: ours faster); error rows: ours and the reference's own figure")
+
+
+class Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+            s.flush()  # a run cut short keeps its log
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.log and gpu_check.json")
+    p.add_argument("--dry", action="store_true", help="tiny configs on the CPU: the same code paths, < 1 minute")
+    p.add_argument("--only", help="comma-separated sections (default: all, in order)")
+    p.add_argument("--budget", type=float, help="seconds for the whole check (default: 450 on a GPU, 120 dry)")
+    p.add_argument("--list", action="store_true", help="print the sections and exit")
+    args = p.parse_args(argv)
+    names = [n for n, _, _ in SECTIONS]
+    if args.list:
+        print("\n".join(f"{n:<15} {fn.__doc__.split(chr(10))[0]}" for n, fn, _ in SECTIONS))
+        return 0
+    only = args.only.split(",") if args.only else names
+    if bad := [n for n in only if n not in names]:
+        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from {', '.join(names)}")
+    if not args.dry and not torch.cuda.is_available():
+        p.error("no CUDA device here: run it on a GPU machine, or --dry for the CPU rehearsal")
+    plan, dev = (DRY, Host()) if args.dry else (FULL, Cuda())
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "gpu_check.log"), "w")
+    stdout = sys.stdout
+    sys.stdout = Tee(stdout, log)
+    try:
+        c = Check(dev, plan, args.out, args.budget or plan.budget)
+        torch.manual_seed(0)
+        for name, fn, estimate in SECTIONS:
+            if name in only:
+                c.run(name, fn, estimate)
+        table(c)
+        c.save()
+    finally:
+        sys.stdout = stdout
+        log.close()
+    return 1 if any(s["status"].startswith("FAIL") for s in c.sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

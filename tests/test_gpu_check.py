@@ -1,0 +1,34 @@
+"""tests/gpu_check.py --dry: every section of the GPU check runs on the CPU (tiny configs), so the one command that
+gets a few minutes of a GPU cannot fail on a typo, and its parity checks hold here too."""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_gpu_check_dry_runs_every_section(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--dry", "--out", str(tmp_path),
+                          "--budget", "900"], capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    report = json.load(open(tmp_path / "gpu_check.json"))
+    failed = {k: v["status"] for k, v in report["sections"].items() if v["status"] != "ok"}
+    assert res.returncode == 0 and not failed, (failed, res.stdout[-4000:])
+    import gpu_check
+    assert list(report["sections"]) == [name for name, _, _ in gpu_check.SECTIONS]
+    # the correctness rows: each judged against the reference in this very run
+    goals = [r["goal"] for r in report["rows"] if r["section"] in ("dit", "kv", "pipeline", "lora", "ddp")]
+    assert len(goals) == 8 and all(g.endswith(": ok") for g in goals), goals
+    # the table comes last, and the log holds everything printed
+    assert res.stdout.rstrip().splitlines()[-1].startswith("ratio: reference time / ours")
+    assert "sigma GPU check: " in open(tmp_path / "gpu_check.log").read()
+
+
+def test_gpu_check_refuses_bad_sections_and_a_missing_gpu(tmp_path):
+    script = os.path.join(HERE, "gpu_check.py")
+    res = subprocess.run([sys.executable, script, "--dry", "--only", "dit,warp"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown section(s) warp" in res.stderr
+    res = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 2 and "no CUDA device here" in res.stderr
