@@ -209,21 +209,29 @@ def run_settings(checkpoint):
     return None
 
 
+def parse_layers(text, depth=None, flag=None):
+    """A list of blocks, as sample.py's --kv-compress and train.py's --kv-compress-layers take it: 'deep' (the deep
+    half, paper Tab. 3d), a range '14-27', a list '0,1,20-27' -> sorted block indices. depth None: not known yet,
+    only the syntax is checked (and 'deep' gives None). flag: what an error names (default: train.py's flag)."""
+    flag = flag or f"--kv-compress-layers {text!r}"
+    if text == "deep":
+        return depth and sigma.deep_half(depth)
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise ValueError(f"{flag}: give 'deep', a range such as 14-27 or a list such as 0,1,20-27")
+    spans = [tuple(map(int, s.split("-"))) for s in text.split(",")]
+    layers = tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
+    if depth and layers[-1] >= depth:
+        raise ValueError(f"{flag}: the model has blocks 0-{depth - 1}, not {layers[-1]}")
+    return layers
+
+
 def parse_kv_compress(text, depth=None):
-    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: the deep half
-    of `depth` blocks (None: depth not known yet, only the syntax is checked and layers may be None)."""
+    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers), LAYERS as parse_layers
+    reads them, the deep half when left out (None while the depth is not known)."""
     mode, _, layers = text.partition(":")
     if mode not in ("conv", "uniform", "avgpool"):
         raise ValueError(f"--kv-compress mode must be conv, uniform or avgpool, got {mode!r}")
-    if not layers:
-        return mode, depth and tuple(range(depth // 2, depth))  # paper Tab. 3d: compress only the deep half
-    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", layers):
-        raise ValueError(f"--kv-compress layers must look like 14-27 or 0,1,20-27, got {layers!r}")
-    spans = [tuple(map(int, s.split("-"))) for s in layers.split(",")]
-    layers = tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
-    if depth and layers[-1] >= depth:
-        raise ValueError(f"--kv-compress {text}: the model has blocks 0-{depth - 1}, not {layers[-1]}")
-    return mode, layers
+    return mode, parse_layers(layers or "deep", depth, f"--kv-compress {text}")
 
 
 def load(what, path, fn, *args, **kwargs):

@@ -69,7 +69,14 @@ CONFIGS = {
     "1024": SigmaConfig(sample_size=128, pe_interpolation=2.0),
     "2K": SigmaConfig(sample_size=256, pe_interpolation=4.0),
 }
-KV_DEEP_HALF = tuple(range(14, 28))  # the official KV-compression config: compress blocks 14..27
+
+
+def deep_half(depth):
+    """Where KV compression goes by default: the deep half of the blocks (paper Tab. 3d: it costs the least there)."""
+    return tuple(range(depth // 2, depth))
+
+
+KV_DEEP_HALF = deep_half(28)  # the official KV-compression config: blocks 14..27
 
 
 def modulate(x, shift, scale):

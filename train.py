@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -65,17 +64,6 @@ def setup_ddp(device):
     return rank, world, dev
 
 
-def parse_layers(spec, depth):
-    """'deep' = the deep half (paper Tab. 3d), '14-27' a range, '3,5' a list, '' none."""
-    if spec == "deep":
-        return tuple(range(depth // 2, depth))
-    out = []
-    for part in filter(None, spec.split(",")):
-        a, _, b = part.partition("-")
-        out += range(int(a), int(b or a) + 1)
-    return tuple(out)
-
-
 def build_model(args, device, config=None):
     """--init: 'scratch' (the released --config, or `config` when a caller such as the quick start gives one), a
     released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
@@ -106,7 +94,7 @@ def build_model(args, device, config=None):
         print(f"model: pe_interpolation {config.pe_interpolation:g} -> {args.pe_interpolation:g} (--pe-interpolation)")
         config = replace(config, pe_interpolation=args.pe_interpolation)
     if args.kv_compress_layers:  # stage 3: load_checkpoint gives the new conv/norm the paper's averaging init
-        config = replace(config, kv_compress_layers=parse_layers(args.kv_compress_layers, config.depth),
+        config = replace(config, kv_compress_layers=hub.parse_layers(args.kv_compress_layers, config.depth),
                          kv_compress_ratio=args.kv_compress_ratio or 2)
     model = sigma.PixArtSigma(config) if sd is None else sigma.load_checkpoint(sd, config)
     return model.to(device).train()
@@ -180,7 +168,7 @@ def check_resume(args, resume):
     except Exception as e:  # damaged, or not written by this train.py
         raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
                          "point 'latest' at an earlier step_N folder, or start a new run") from None
-    layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
+    layers = args.kv_compress_layers and list(hub.parse_layers(args.kv_compress_layers, saved["depth"]))
     for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
                             ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
                             ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
@@ -506,8 +494,8 @@ def check_args(args, argv, own_components=False):
     if not args.no_buckets:
         data.bucket_table(args.image_size)  # its message names --no-buckets
     data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
-    if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
-        raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")
+    if args.kv_compress_layers:  # the syntax now; the blocks against the model's depth once it is known
+        hub.parse_layers(args.kv_compress_layers)
     if not any(q.strip() for q in args.preview_prompts.split("|")):
         raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
     for flag, path in (("--out", args.out), ("--cache", args.cache)):

@@ -258,7 +258,7 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
         ref_dit = PixArtTransformer2DModel(**kwargs).eval()
         dit = sigma.load_checkpoint(ref_dit.state_dict(), config).to(device, dtype)
         kv = sigma.load_checkpoint(ref_dit.state_dict(), dataclasses.replace(
-            config, kv_compress_layers=tuple(range(config.depth // 2, config.depth)))).to(device, dtype)
+            config, kv_compress_layers=sigma.deep_half(config.depth))).to(device, dtype)
         pipe = PixArtSigmaPipeline(tokenizer=reference_tokenizer, text_encoder=ref_t5, vae=ref_vae,
                                    transformer=ref_dit.to(device, dtype), scheduler=DPMSolverMultistepScheduler())
         pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,6 @@ from diffusers import PixArtTransformer2DModel
 
 import hub
 import sigma
-import train
 from official import official_layout
 
 TINY = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
@@ -353,7 +352,18 @@ def test_default_kv_layers_are_the_official_deep_half():
     official = tuple(json.load(open(KEYS))["config"]["kv_compress_config"]["kv_compress_layer"])  # 14..27
     assert sigma.KV_DEEP_HALF == official
     assert hub.parse_kv_compress("avgpool", 28) == ("avgpool", official)  # sample.py --kv-compress MODE
-    assert train.parse_layers("deep", 28) == official  # train.py --kv-compress-layers deep
+    assert hub.parse_layers("deep", 28) == official  # train.py --kv-compress-layers deep
+
+
+def test_one_grammar_for_a_list_of_blocks():
+    # sample.py's --kv-compress MODE:LAYERS and train.py's --kv-compress-layers read their lists alike
+    assert hub.parse_layers("0,1,20-22", 28) == (0, 1, 20, 21, 22) == hub.parse_kv_compress("conv:20-22,0,1", 28)[1]
+    assert hub.parse_kv_compress("uniform:deep", 8) == ("uniform", (4, 5, 6, 7)) == hub.parse_kv_compress("uniform", 8)
+    assert hub.parse_layers("deep") is None and hub.parse_layers("3,5") == (3, 5)  # depth not known yet: syntax only
+    with pytest.raises(ValueError, match="--kv-compress-layers '14-': give 'deep', a range such as 14-27"):
+        hub.parse_layers("14-", 28)
+    with pytest.raises(ValueError, match="--kv-compress-layers '27-28': the model has blocks 0-27, not 28"):
+        hub.parse_layers("27-28", 28)
 
 
 # -- training-side switches ------------------------------------------------------------------------
