@@ -51,11 +51,10 @@ def checkpoint(path):
     has_weights = lambda step: any(os.path.isfile(os.path.join(step, f)) for f in WEIGHTS)
     if has_weights(path):
         return os.path.dirname(os.path.abspath(path)), path
-    if not os.path.isfile(os.path.join(path, "latest")):
+    step = weights.latest_checkpoint(path)
+    if step is None:
         raise ValueError(f"{path} has no checkpoint yet (no 'latest' file): train.py writes one every --save-every "
                          "steps and at the end")
-    with open(os.path.join(path, "latest")) as f:
-        step = os.path.join(path, f.read().strip())
     if not has_weights(step):
         raise ValueError(f"{path}/latest names {step}, which holds no model.safetensors (nor a LoRA adapter): give a "
                          "step_N folder instead")
@@ -118,9 +117,8 @@ def export(run, out, components_flag=None):
     run, step = checkpoint(run)
     args = recorded_args(step) or {}
     base, loras = lora.split_model(step, [])  # a LoRA run: its base model, merged with its adapter below
-    dit = os.path.join(step, "ema.safetensors")  # EMA weights when the run kept them, as sample.py takes
-    dit = dit if os.path.isfile(dit) else os.path.join(step, "model.safetensors")
-    dit = hub.resolve_model(base)[0] if loras else dit
+    # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names
+    dit = hub.resolve_model(base)[0] if loras else weights.step_weights(step)
     settings = hub.run_settings(dit if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
     if settings and settings["pixel_scale"]:
         raise ValueError(f"{run} is a pixel-space run (the quick start): it has no VAE, and diffusers' "
@@ -134,8 +132,7 @@ def export(run, out, components_flag=None):
         parts = dict(settings, tokenizer=os.path.dirname(settings["tokenizer"]))
         parts.pop("pixel_scale")
     model = lora.merge(hub.load("transformer", dit, weights.load_checkpoint), loras)  # the pipeline loads a full DiT
-    tmp = f"{os.path.normpath(out)}.tmp{os.getpid()}"  # written aside, renamed when complete
-    try:
+    with weights.atomic(os.path.normpath(out)) as tmp:  # written aside, renamed when complete (also onto an empty folder)
         weights.save_diffusers(model, os.path.join(tmp, "transformer"))
         os.makedirs(os.path.join(tmp, "scheduler"))
         for name, content in (("model_index.json", PIPELINE), ("scheduler/scheduler_config.json", SCHEDULER)):
@@ -145,9 +142,6 @@ def export(run, out, components_flag=None):
             link_tree(src, os.path.join(tmp, name))
         if loras:  # the adapter files too, beside the merged transformer, for PEFT users
             link_tree(step, os.path.join(tmp, "lora"), lambda f: f.startswith("adapter_"))
-        os.replace(tmp, out)  # also onto an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dit
 
 

@@ -227,8 +227,8 @@ def check(sd, model, what):
 # ---------------------------------------------------------------------------------------------- files
 def _files(path):
     """A LoRA path -> (its .safetensors, its adapter_config.json or None)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):  # a train.py run: its latest step
-        path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
+    if os.path.isdir(path) and (latest := weights.latest_checkpoint(path)):  # a train.py run: its latest step
+        path = latest
     if os.path.isdir(path):
         for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
             if os.path.isfile(os.path.join(path, name)):

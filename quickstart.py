@@ -354,7 +354,7 @@ def w2s_run(out, points, judge, vae, argv, comps, size):
     for step in points:
         if step:
             trainer.main([*argv, "--out", out, "--steps", str(step), "--resume"], **world)
-            model = weights.load_checkpoint(os.path.join(trainer.latest_checkpoint(out), "ema.safetensors"))
+            model = weights.load_checkpoint(os.path.join(weights.latest_checkpoint(out), "ema.safetensors"))
         else:
             model = trainer.build_model(trainer.parse_args(argv, world["defaults"], need_data=False), torch.device("cpu"))
         curve.append(dict(step=step, **judge(model, vae)))
@@ -405,8 +405,7 @@ def weak_to_strong(argv=None):
             for i, (k, v) in enumerate(W2S_VAE.items())}
     weak, strong = dict(text, vae=vaes["weak"]), dict(text, vae=vaes["strong"])
     judge = w2s_judge(text, plan["seeds"])
-    import train as trainer
-    final = lambda run: os.path.join(trainer.latest_checkpoint(run), "ema.safetensors")
+    final = lambda run: os.path.join(weights.latest_checkpoint(run), "ema.safetensors")
 
     # 0. the weak model; 1. its latent space changes (the paper: SD's VAE -> SDXL's), same DiT: --vae
     stage0 = w2s_run(D("stage0_weak"), [plan["weak"]], judge, vaes["weak"], [], weak, 16)

@@ -118,30 +118,23 @@ def save_state(out, step, model, ema, opt, extra, keep):
     """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
     'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
     name = f"step_{step:07d}"
-    final, tmp = os.path.join(out, name), os.path.join(out, f".tmp_{name}")
-    for stale in (final, tmp):  # final: a save that a kill interrupted before `latest` moved to it, now redone
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(tmp)
-    if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
-        lora.save(model, tmp)
-    else:
-        weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
-    if ema is not None:
-        weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
-    torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
+    final = os.path.join(out, name)
+    shutil.rmtree(final, ignore_errors=True)  # a save that a kill interrupted before `latest` moved to it, now redone
+    with weights.atomic(final) as tmp:
+        os.makedirs(tmp)
+        if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
+            lora.save(model, tmp)
+        else:
+            weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+        if ema is not None:
+            weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
+        torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
+    with weights.atomic(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
         f.write(name)
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
     old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []
     for d in old:
         shutil.rmtree(os.path.join(out, d))
     return final
-
-
-def latest_checkpoint(out):
-    pointer = os.path.join(out, "latest")
-    return os.path.join(out, open(pointer).read().strip()) if os.path.exists(pointer) else None
 
 
 def check_resume(args, resume):
@@ -187,7 +180,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
-    resume = latest_checkpoint(args.out)
+    resume = weights.latest_checkpoint(args.out)
     check_resume(args, resume)
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
@@ -361,7 +354,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     bar.close()
     if master:
         prompt = args.preview_prompts.split("|")[0]
-        print(f"train.py: done, step {step} in {latest_checkpoint(args.out)}; sample it with:\n"
+        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
               f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -518,9 +511,8 @@ def cut_log(path, step):
                 keep.append(line.rstrip("\n") + "\n")
         except ValueError:
             pass
-    with open(path + ".tmp", "w") as f:
+    with weights.atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

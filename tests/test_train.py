@@ -293,7 +293,7 @@ def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
         quickstart.train(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
     monkeypatch.undo()
     assert open(tmp_path / "latest").read() == "step_0000002"
-    latest = train.latest_checkpoint(str(tmp_path))
+    latest = weights.latest_checkpoint(str(tmp_path))
     assert max_diff(good, snapshot(weights.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
     assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
     quickstart.train(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
@@ -349,7 +349,7 @@ def test_save_state_crash_at_every_filesystem_step_keeps_latest_loadable(tmp_pat
         return train.save_state(str(out), step, models[step], models[step], opt, dict(global_batch=1), keep=1)
 
     def check_latest(out):
-        latest = train.latest_checkpoint(str(out))
+        latest = weights.latest_checkpoint(str(out))
         step = int(os.path.basename(latest).split("_")[1])
         for name in ("model", "ema"):
             loaded = weights.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
@@ -389,7 +389,7 @@ def test_kill_9_never_corrupts_latest(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    latest = train.latest_checkpoint(str(tmp_path))
+    latest = weights.latest_checkpoint(str(tmp_path))
     assert latest is not None
     model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
