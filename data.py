@@ -22,6 +22,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import weights
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")
 
@@ -237,9 +239,8 @@ def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, r
                 for it, lat in zip(items, latents):
                     tensors[f"{it['index']}.latent"] = lat.float().contiguous().cpu()
                     meta.append([it["index"], bucket, len(it["captions"])])
-        path = os.path.join(cache_dir, f"shard_{s:05d}.safetensors")
-        save_file(tensors, path + ".tmp", metadata=dict(items=json.dumps(meta), skipped=str(skipped)))
-        os.replace(path + ".tmp", path)
+        with weights.atomic(os.path.join(cache_dir, f"shard_{s:05d}.safetensors")) as tmp:
+            save_file(tensors, tmp, metadata=dict(items=json.dumps(meta), skipped=str(skipped)))
     return True
 
 
@@ -251,9 +252,8 @@ def write_cache_index(cache_dir, fp):
                 meta = f.metadata()
             items += [[name] + m for m in json.loads(meta["items"])]
             skipped += int(meta["skipped"])
-    tmp = os.path.join(cache_dir, "index.json.tmp")
-    json.dump(dict(fingerprint=fp, items=items, skipped=skipped), open(tmp, "w"))
-    os.replace(tmp, os.path.join(cache_dir, "index.json"))  # written last: a half-built cache has no index
+    with weights.atomic(os.path.join(cache_dir, "index.json")) as tmp, open(tmp, "w") as f:
+        json.dump(dict(fingerprint=fp, items=items, skipped=skipped), f)  # written last: a half-built cache has no index
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -7,7 +7,7 @@ and `python sample.py --model folder` both load it as it is.
 
 The folder has the layout of the released PixArt-alpha/PixArt-Sigma-XL-2-*-MS repositories:
     model_index.json   which class diffusers loads each part with
-    transformer/       the DiT in diffusers' PixArtTransformer2DModel format (sigma.save_diffusers)
+    transformer/       the DiT in diffusers' PixArtTransformer2DModel format (weights.save_diffusers)
     scheduler/         DPMSolverMultistepScheduler with diffusers' defaults: DPM-Solver++(2M), as diffusion.dpm_solver
     text_encoder/, tokenizer/, vae/   the components the run trained with, as they are (their config files
                        included): hard-linked, or copied where a link cannot go (another file system); never downloaded
@@ -25,7 +25,7 @@ import torch
 
 import hub
 import lora
-import sigma
+import weights
 
 PIPELINE = {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.28.0",  # the first release with PixArt-Σ
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
@@ -51,11 +51,10 @@ def checkpoint(path):
     has_weights = lambda step: any(os.path.isfile(os.path.join(step, f)) for f in WEIGHTS)
     if has_weights(path):
         return os.path.dirname(os.path.abspath(path)), path
-    if not os.path.isfile(os.path.join(path, "latest")):
+    step = weights.latest_checkpoint(path)
+    if step is None:
         raise ValueError(f"{path} has no checkpoint yet (no 'latest' file): train.py writes one every --save-every "
                          "steps and at the end")
-    with open(os.path.join(path, "latest")) as f:
-        step = os.path.join(path, f.read().strip())
     if not has_weights(step):
         raise ValueError(f"{path}/latest names {step}, which holds no model.safetensors (nor a LoRA adapter): give a "
                          "step_N folder instead")
@@ -118,10 +117,9 @@ def export(run, out, components_flag=None):
     run, step = checkpoint(run)
     args = recorded_args(step) or {}
     base, loras = lora.split_model(step, [])  # a LoRA run: its base model, merged with its adapter below
-    weights = os.path.join(step, "ema.safetensors")  # EMA weights when the run kept them, as sample.py takes
-    weights = weights if os.path.isfile(weights) else os.path.join(step, "model.safetensors")
-    weights = hub.resolve_model(base)[0] if loras else weights
-    settings = hub.run_settings(weights if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
+    # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names
+    dit = hub.resolve_model(base)[0] if loras else weights.step_weights(step)
+    settings = hub.run_settings(dit if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
     if settings and settings["pixel_scale"]:
         raise ValueError(f"{run} is a pixel-space run (the quick start): it has no VAE, and diffusers' "
                          f"PixArtSigmaPipeline decodes latents with one; sample it with `python sample.py --model {run}`")
@@ -133,10 +131,9 @@ def export(run, out, components_flag=None):
     else:  # the run's own components, as its sample.json names them
         parts = dict(settings, tokenizer=os.path.dirname(settings["tokenizer"]))
         parts.pop("pixel_scale")
-    model = lora.merge(hub.load("transformer", weights, sigma.load_checkpoint), loras)  # the pipeline loads a full DiT
-    tmp = f"{os.path.normpath(out)}.tmp{os.getpid()}"  # written aside, renamed when complete
-    try:
-        sigma.save_diffusers(model, os.path.join(tmp, "transformer"))
+    model = lora.merge(hub.load("transformer", dit, weights.load_checkpoint), loras)  # the pipeline loads a full DiT
+    with weights.atomic(os.path.normpath(out)) as tmp:  # written aside, renamed when complete (also onto an empty folder)
+        weights.save_diffusers(model, os.path.join(tmp, "transformer"))
         os.makedirs(os.path.join(tmp, "scheduler"))
         for name, content in (("model_index.json", PIPELINE), ("scheduler/scheduler_config.json", SCHEDULER)):
             with open(os.path.join(tmp, name), "w") as f:
@@ -145,10 +142,7 @@ def export(run, out, components_flag=None):
             link_tree(src, os.path.join(tmp, name))
         if loras:  # the adapter files too, beside the merged transformer, for PEFT users
             link_tree(step, os.path.join(tmp, "lora"), lambda f: f.startswith("adapter_"))
-        os.replace(tmp, out)  # also onto an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return weights
+    return dit
 
 
 def main(argv=None):
@@ -160,11 +154,11 @@ def main(argv=None):
                    "(default: the ones the run recorded)")
     args = p.parse_args(argv)
     try:
-        weights = export(args.run, args.out, args.components)
+        dit = export(args.run, args.out, args.components)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: PixArtSigmaPipeline with the transformer from {weights}")
+    print(f"{args.out}: PixArtSigmaPipeline with the transformer from {dit}")
     return 0
 
 

@@ -12,9 +12,9 @@ official repository, so weights already there are found and nothing is downloade
     VAE (SDXL)    same repo, vae/  (found in the model's own repo first, where a diffusers
                   pipeline download put them)
 
-Loading (`load_model`, `load`) turns a damaged or incomplete file into one ValueError naming the file,
-and adds KV compression to a plain checkpoint on request (paper §3.2: parameter-free modes, or the
-learned conv starting as 2×2 averaging).
+A local path is checked by weights.find_checkpoint before anything is fetched. Loading (`load_model`, `load`)
+turns a damaged or incomplete file into one ValueError naming the file, and adds KV compression to a plain
+checkpoint on request (paper §3.2: parameter-free modes, or the learned conv starting as 2×2 averaging).
 """
 import dataclasses
 import json
@@ -23,10 +23,10 @@ import re
 
 import huggingface_hub
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-from safetensors import safe_open
 
 import sigma
 import tokenizer
+import weights
 
 # released name -> (diffusers repo, official .pth in PixArt-alpha/PixArt-Sigma); the official repo's README lists them
 MODELS = {
@@ -77,53 +77,10 @@ def cached(repo, filenames):
     return paths if all(isinstance(p, str) for p in paths) else None
 
 
-def check_model(path, flag="--model"):
-    """A local --model/--init path -> the checkpoint it stands for, checked without loading it: a diffusers pipeline or
-    transformer folder, a train.py run (its latest checkpoint) or step folder (EMA weights if kept), a .safetensors
-    file holding a DiT, or a torch .pth (a zip archive, or the older pickle format: read weights-only later)."""
-    accepted = ("give an official .pth, a diffusers pipeline or transformer folder, our .safetensors, or a train.py "
-                "run or step_N folder")
-    given = path
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):  # a whole diffusers pipeline folder
-            path = os.path.join(path, "transformer")
-        elif os.path.isfile(os.path.join(path, "latest")):  # a train.py run folder: its latest checkpoint
-            path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
-            if not os.path.isdir(path):
-                raise ValueError(f"{flag} {given}: its 'latest' names {os.path.basename(path)}, which is missing; "
-                                 "pass one of its step_N folders")
-        if os.path.isfile(os.path.join(path, "model.safetensors")):  # a train.py checkpoint: EMA weights if kept
-            ema = os.path.join(path, "ema.safetensors")
-            path = ema if os.path.isfile(ema) else os.path.join(path, "model.safetensors")
-        elif any(os.path.isfile(os.path.join(path, f"diffusion_pytorch_model.safetensors{i}")) for i in ("", ".index.json")):
-            return path  # a diffusers transformer folder
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("log.jsonl", "sample.json")):
-            raise ValueError(f"{flag} {given} is a train.py run with no checkpoint yet (no 'latest'): the first one is "
-                             "written after --save-every steps; wait for it, or pass another model")
-        else:
-            raise ValueError(f"{flag} {given} is {'an empty folder' if not os.listdir(path) else 'a folder without a checkpoint'}: "
-                             + accepted)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.endswith(".safetensors"):
-        try:
-            with safe_open(path, "pt") as f:  # reads the header only
-                keys = list(f.keys())
-        except Exception as e:
-            raise ValueError(f"{flag} {given}: not a readable .safetensors file ({type(e).__name__}: {e}); "
-                             "if it was downloaded, download it again") from None
-        if not {"x_embedder.proj.weight", "pos_embed.proj.weight"} & set(keys):
-            raise ValueError(f"{flag} {given}: this .safetensors file holds no PixArt DiT (no x_embedder.proj.weight "
-                             f"or pos_embed.proj.weight; first keys: {keys[:3]}): {accepted}")
-    elif head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
-        raise ValueError(f"{flag} {given} is not a checkpoint (neither a torch .pth nor a .safetensors file): {accepted}")
-    return path
-
-
 def resolve_model(model, flag="--model"):
-    """--model (or train.py's --init) -> (local path for sigma.load_checkpoint, released name or None, diffusers repo or None)."""
+    """--model (or train.py's --init) -> (local path for weights.load_checkpoint, released name or None, diffusers repo or None)."""
     if os.path.exists(model):
-        return check_model(model, flag), None, None
+        return weights.find_checkpoint(model, flag), None, None
     name = model_name(model)
     if name is None:
         raise ValueError(f"{flag} {model!r} is neither a released model ({', '.join(MODELS)}) nor an existing "
@@ -166,10 +123,8 @@ def resolve_components(components=None, model_repo=None, model=None):
     repo = components or COMPONENTS_REPO
     if components is None and model_repo and cached(model_repo, [T5_INDEX] + OTHER_COMPONENTS):
         repo = model_repo  # a diffusers pipeline download of the model already holds T5 and the VAE
-    index = fetch(repo, T5_INDEX, "--components")
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    for name in OTHER_COMPONENTS + [f"text_encoder/{s}" for s in shards]:
+    shards = weights.shard_files(fetch(repo, T5_INDEX, "--components"), check=False)  # not fetched yet
+    for name in OTHER_COMPONENTS + [f"text_encoder/{os.path.basename(s)}" for s in shards]:
         path = fetch(repo, name, "--components")
     root = os.path.dirname(os.path.dirname(path))  # the snapshot folder: every file above lies in it
     return dict(text_encoder=os.path.join(root, "text_encoder"),
@@ -209,21 +164,29 @@ def run_settings(checkpoint):
     return None
 
 
+def parse_layers(text, depth=None, flag=None):
+    """A list of blocks, as sample.py's --kv-compress and train.py's --kv-compress-layers take it: 'deep' (the deep
+    half, paper Tab. 3d), a range '14-27', a list '0,1,20-27' -> sorted block indices. depth None: not known yet,
+    only the syntax is checked (and 'deep' gives None). flag: what an error names (default: train.py's flag)."""
+    flag = flag or f"--kv-compress-layers {text!r}"
+    if text == "deep":
+        return depth and sigma.deep_half(depth)
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise ValueError(f"{flag}: give 'deep', a range such as 14-27 or a list such as 0,1,20-27")
+    spans = [tuple(map(int, s.split("-"))) for s in text.split(",")]
+    layers = tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
+    if depth and layers[-1] >= depth:
+        raise ValueError(f"{flag}: the model has blocks 0-{depth - 1}, not {layers[-1]}")
+    return layers
+
+
 def parse_kv_compress(text, depth=None):
-    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers); default: the deep half
-    of `depth` blocks (None: depth not known yet, only the syntax is checked and layers may be None)."""
+    """'MODE[:LAYERS]' (e.g. 'avgpool', 'conv:14-27', 'uniform:0,1,20-27') -> (mode, layers), LAYERS as parse_layers
+    reads them, the deep half when left out (None while the depth is not known)."""
     mode, _, layers = text.partition(":")
     if mode not in ("conv", "uniform", "avgpool"):
         raise ValueError(f"--kv-compress mode must be conv, uniform or avgpool, got {mode!r}")
-    if not layers:
-        return mode, depth and tuple(range(depth // 2, depth))  # paper Tab. 3d: compress only the deep half
-    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", layers):
-        raise ValueError(f"--kv-compress layers must look like 14-27 or 0,1,20-27, got {layers!r}")
-    spans = [tuple(map(int, s.split("-"))) for s in layers.split(",")]
-    layers = tuple(sorted({i for s in spans for i in range(s[0], s[-1] + 1)}))
-    if depth and layers[-1] >= depth:
-        raise ValueError(f"--kv-compress {text}: the model has blocks 0-{depth - 1}, not {layers[-1]}")
-    return mode, layers
+    return mode, parse_layers(layers or "deep", depth, f"--kv-compress {text}")
 
 
 def load(what, path, fn, *args, **kwargs):
@@ -241,12 +204,12 @@ def load(what, path, fn, *args, **kwargs):
 def load_model(path, name=None, kv_compress=None):
     """The DiT on the CPU in fp32; a released name fixes the config (.pth files do not say their training size)."""
     config = sigma.CONFIGS[name] if name and path.endswith(".pth") else None  # a diffusers folder has config.json
-    model = load("transformer", path, sigma.load_checkpoint, config)
+    model = load("transformer", path, weights.load_checkpoint, config)
     if kv_compress:
         mode, layers = parse_kv_compress(kv_compress, model.config.depth)
         if model.config.kv_compress_layers:
             raise ValueError(f"--kv-compress: {path} already has KV compression ({model.config.kv_compress_mode} in layers "
                              f"{list(model.config.kv_compress_layers)}): leave out --kv-compress")
         config = dataclasses.replace(model.config, kv_compress_mode=mode, kv_compress_layers=layers)
-        model = sigma.load_checkpoint(model.state_dict(), config)  # parameter-free modes, or a fresh averaging conv
+        model = weights.load_checkpoint(model.state_dict(), config)  # parameter-free modes, or a fresh averaging conv
     return model

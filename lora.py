@@ -11,7 +11,7 @@ PEFT, which adapts diffusers' modules, has three: to_q, to_k, to_v. Three adapte
 Linear with the A's stacked and the B's on a block diagonal — the same function, no approximation:
     [B_q A_q x; B_k A_k x; B_v A_v x] = diag(B_q, B_k, B_v) · [A_q; A_k; A_v] x
 so `attn.qkv` holds A (3r, D) and B as its 3 diagonal blocks (3, D, r); `cross_attn.kv_linear` likewise with 2.
-`to_peft` and `convert_peft` are the two pure conversions, as sigma.py's for checkpoints.
+`to_peft` and `convert_peft` are the two pure conversions, as sigma.convert_diffusers is for checkpoints.
 
 Files are PEFT's for diffusers' PixArtTransformer2DModel: adapter_config.json + adapter_model.safetensors, keys
 `base_model.model.transformer_blocks.N.attn1.to_q.lora_A.weight`, so `PeftModel.from_pretrained(transformer,
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import hub
 import sigma
+import weights
 
 # --lora-targets. 'blocks' (default): every block's attention and MLP Linears. 'all' adds what else the official
 # LoRA script (PixArt-sigma train_scripts/train_pixart_lora_hf.py) adapts in diffusers' model: the patch-embedding
@@ -80,9 +81,8 @@ def delta_weight(A, B):
 
 
 def _layers(depth):
-    """(our module, diffusers module or a tuple of them for a fused one) for every Linear and the patch conv."""
-    return [(a[:-7], tuple(n[:-7] for n in b) if isinstance(b, tuple) else b[:-7])
-            for a, b in sigma._diffusers_pairs(depth) if a.endswith(".weight")]
+    """(our module, its diffusers modules: one, or the parts of a fused one) for every Linear and the patch conv."""
+    return [(a[:-7], tuple(n[:-7] for n in b)) for a, b in sigma.diffusers_pairs(depth) if a.endswith(".weight")]
 
 
 def _depth(names, prefix):
@@ -125,7 +125,7 @@ def base_name(init):
 
 def add(model, rank, alpha, targets="blocks", base=None):
     """Freeze `model` and wrap its target layers in LoRA adapters, in place (train.py --lora-rank)."""
-    parts = {a: len(b) if isinstance(b, tuple) else 1 for a, b in _layers(model.config.depth)}
+    parts = {a: len(b) for a, b in _layers(model.config.depth)}
     model.requires_grad_(False)
     for name in target_modules(targets, model.config.depth):
         owner, _, leaf = name.rpartition(".")
@@ -149,7 +149,6 @@ def to_peft(ours):
         if f"{mine}.lora_A" not in ours:
             continue
         A, B = ours[f"{mine}.lora_A"], ours[f"{mine}.lora_B"]  # (P·r, in[, p, p]), (P, out/P, r)
-        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
         for name, a, b in zip(theirs, A.chunk(len(theirs)), B):
             out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()  # (r, in[, p, p])
             out[f"base_model.model.{name}.lora_B.weight"] = b if A.dim() == 2 else b[..., None, None]  # (out, r[, 1, 1])
@@ -174,7 +173,6 @@ def convert_peft(sd, config=None):
     scale = layer_scale(config, "", (config or {}).get("r", 8))  # the config's α/r (PEFT's default r: 8)
     ours = {}
     for mine, theirs in _layers(_depth(sd, "transformer_blocks.")):
-        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
         found = [n for n in theirs if f"{n}.lora_A.weight" in sd and f"{n}.lora_B.weight" in sd]
         if not found:
             continue
@@ -205,8 +203,8 @@ def check(sd, model, what):
     shapes = {}
     for mine, theirs in _layers(model.config.depth):
         w = model.get_submodule(mine).weight
-        for n in theirs if isinstance(theirs, tuple) else (theirs,):
-            shapes[n] = (w.shape[0] // (len(theirs) if isinstance(theirs, tuple) else 1), *w.shape[1:])
+        for n in theirs:
+            shapes[n] = (w.shape[0] // len(theirs), *w.shape[1:])
     bad = []
     for key, v in sd.items():
         module, _, kind = strip(key).rpartition(".lora_")
@@ -229,8 +227,8 @@ def check(sd, model, what):
 # ---------------------------------------------------------------------------------------------- files
 def _files(path):
     """A LoRA path -> (its .safetensors, its adapter_config.json or None)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):  # a train.py run: its latest step
-        path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
+    if os.path.isdir(path) and (latest := weights.latest_checkpoint(path)):  # a train.py run: its latest step
+        path = latest
     if os.path.isdir(path):
         for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
             if os.path.isfile(os.path.join(path, name)):
@@ -253,7 +251,7 @@ def read(spec):
     if sep and not os.path.exists(spec) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
         path, scale = head, float(tail)
     file, config_file = _files(path)
-    sd, meta = sigma._read_safetensors(file)
+    sd, meta = weights.read_safetensors(file)
     if config_file:
         config = json.load(open(config_file))
     elif "lora_adapter_metadata" in meta:  # diffusers' save_lora_weights: the LoraConfig, keys 'transformer.r' ...

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 import diffusion
 import sigma
 import t5 as t5lib
+import weights
 from tokenizer import Tokenizer
 
 # train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
@@ -243,7 +244,7 @@ def evaluate(argv=None):
     if files is None or not files["pixel_scale"]:
         raise SystemExit(f"quickstart.py: {args.run} is not a quick-start run (no pixel-space sample.json beside it)")
     model = hub.load_model(path, name, None).eval()
-    text, tok = t5lib.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
+    text, tok = weights.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
     H = model.config.sample_size
     run = lambda prompts, n, seed: sample.generate(prompts, model, text, tok, None, size=(H, H), n=n, seed=seed,
                                                    steps=args.steps, cfg=args.cfg, sampler=args.sampler, binning=False,
@@ -279,7 +280,7 @@ def train_vae(folder, channels, steps, seed=0, size=16, batch=32, kl=1e-4):
     decoded posterior sample + kl × KL(q(z|x) ‖ N(0, I)), as LDM's autoencoders minus their perceptual and GAN
     losses; 16 px images (it is convolutional: 32 px ones encode too). scaling_factor = 1/std of the latents
     (posterior means) of 256 images, as SD chose 0.18215. Saved in diffusers' layout (config.json +
-    diffusion_pytorch_model.safetensors): vae.load_vae reads it."""
+    diffusion_pytorch_model.safetensors): weights.load_vae reads it."""
     import vae as vae_lib
     weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     if os.path.exists(weights):
@@ -319,8 +320,7 @@ def w2s_judge(comps, seeds, steps=20, cfg=4.5):
     one batch: DPM-Solver++(2M), CFG 4.5 (sample.py's defaults), x̂0 clipped to the largest |latent| of 256 of the
     data's images (clip_denoised's range bound, as the quick start clips pixels to theirs), decoded by the VAE the
     model was trained on. -> dict(score=(right-shape + right-colour fractions)/2 in %, shape, color, rmse)."""
-    import vae as vae_lib
-    text, tok = t5lib.load_t5(comps["text_encoder"]), Tokenizer(comps["tokenizer"], max_length=W2S_DIT["caption_tokens"])
+    text, tok = weights.load_t5(comps["text_encoder"]), Tokenizer(comps["tokenizer"], max_length=W2S_DIT["caption_tokens"])
     prompts = [c for c in ShapesDataset.captions(held_out=True) for _ in range(seeds)]
     y, mask = t5lib.encode(text, tok, prompts)  # (N, L, D), (N, L)
     y_null, m_null = t5lib.encode(text, tok, [""])  # (1, L, D), (1, L)
@@ -330,7 +330,7 @@ def w2s_judge(comps, seeds, steps=20, cfg=4.5):
     def judge(model, vae_path):
         h = model.config.sample_size
         if (vae_path, h) not in vaes:
-            vae = vae_lib.load_vae(vae_path)
+            vae = weights.load_vae(vae_path)
             data_ = ShapesDataset(h * vae.factor)
             vaes[vae_path, h] = vae, vae.encode(torch.stack([data_[i]["image"] for i in range(256)])).abs().max().item()
         vae, bound = vaes[vae_path, h]
@@ -354,7 +354,7 @@ def w2s_run(out, points, judge, vae, argv, comps, size):
     for step in points:
         if step:
             trainer.main([*argv, "--out", out, "--steps", str(step), "--resume"], **world)
-            model = sigma.load_checkpoint(os.path.join(trainer.latest_checkpoint(out), "ema.safetensors"))
+            model = weights.load_checkpoint(os.path.join(weights.latest_checkpoint(out), "ema.safetensors"))
         else:
             model = trainer.build_model(trainer.parse_args(argv, world["defaults"], need_data=False), torch.device("cpu"))
         curve.append(dict(step=step, **judge(model, vae)))
@@ -405,8 +405,7 @@ def weak_to_strong(argv=None):
             for i, (k, v) in enumerate(W2S_VAE.items())}
     weak, strong = dict(text, vae=vaes["weak"]), dict(text, vae=vaes["strong"])
     judge = w2s_judge(text, plan["seeds"])
-    import train as trainer
-    final = lambda run: os.path.join(trainer.latest_checkpoint(run), "ema.safetensors")
+    final = lambda run: os.path.join(weights.latest_checkpoint(run), "ema.safetensors")
 
     # 0. the weak model; 1. its latent space changes (the paper: SD's VAE -> SDXL's), same DiT: --vae
     stage0 = w2s_run(D("stage0_weak"), [plan["weak"]], judge, vaes["weak"], [], weak, 16)

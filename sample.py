@@ -42,7 +42,7 @@ import hub
 import lora
 import sizes
 import t5 as t5lib
-import vae as vaelib
+import weights
 from tokenizer import Tokenizer
 
 DTYPES = dict(auto=None, fp32=torch.float32, float32=torch.float32, bf16=torch.bfloat16, bfloat16=torch.bfloat16,
@@ -223,8 +223,8 @@ def run(args):
     seed = random.randrange(2**31) if args.seed is None else args.seed
     images = generate(
         prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
-        lambda: hub.load("text encoder", files["text_encoder"], t5lib.load_t5, t5_dtype, "cpu" if args.low_memory else device),
-        tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], vaelib.load_vae, dtype, device),
+        lambda: hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device),
+        tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], weights.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
         sampler=args.sampler, binning=binning, pixel_scale=pixel_scale, batch_size=args.batch_size)
     for k, image in enumerate(images):

@@ -15,17 +15,13 @@ The network is DiT (Peebles & Xie, arXiv 2212.09748) turned into a text-to-image
 
 Letters: N batch, C latent channels, H×W latent size, h×w token grid, T = h·w image tokens,
 L caption tokens, D width, S heads. Module names ARE the official checkpoint's keys, so an official
-.pth loads as the identity; diffusers' layout goes through `convert_diffusers`.
+.pth loads as the identity; diffusers' layout goes through `convert_diffusers` (files: weights.py).
 
-    model = load_checkpoint("PixArt-Sigma-XL-2-1024-MS.pth")   # or a diffusers folder, or our own
-    out = model(x, t, y, mask)                                 # (N, 8, H, W): ε and variance
+    model = weights.load_checkpoint("PixArt-Sigma-XL-2-1024-MS.pth")   # or a diffusers folder, or our own
+    out = model(x, t, y, mask)                                         # (N, 8, H, W): ε and variance
 """
-import json
 import math
-import os
-import re
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -69,7 +65,14 @@ CONFIGS = {
     "1024": SigmaConfig(sample_size=128, pe_interpolation=2.0),
     "2K": SigmaConfig(sample_size=256, pe_interpolation=4.0),
 }
-KV_DEEP_HALF = tuple(range(14, 28))  # the official KV-compression config: compress blocks 14..27
+
+
+def deep_half(depth):
+    """Where KV compression goes by default: the deep half of the blocks (paper Tab. 3d: it costs the least there)."""
+    return tuple(range(depth // 2, depth))
+
+
+KV_DEEP_HALF = deep_half(28)  # the official KV-compression config: blocks 14..27
 
 
 def modulate(x, shift, scale):
@@ -302,232 +305,32 @@ class PixArtSigma(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: the official .pth, diffusers' PixArtTransformer2DModel, and our own safetensors.
+# The same tensors in diffusers' PixArtTransformer2DModel: ours -> theirs, a tuple where ours fuses their Linears on
+# dim 0; DIFFUSERS_BLOCK inside blocks.i -> transformer_blocks.i. Reading and writing the files: weights.py.
+DIFFUSERS = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+             "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2", "t_block.1": "adaln_single.linear",
+             "y_embedder.y_proj.fc1": "caption_projection.linear_1", "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+             "final_layer.linear": "proj_out", "final_layer.scale_shift_table": "scale_shift_table"}
+DIFFUSERS_BLOCK = {"attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "attn.proj": "attn1.to_out.0",
+                   "cross_attn.q_linear": "attn2.to_q", "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
+                   "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+                   "scale_shift_table": "scale_shift_table"}
 
-def _diffusers_pairs(depth):
-    """(our name, diffusers name) for every tensor; a tuple of diffusers names = our fused tensor, split on dim 0."""
-    mods = [("x_embedder.proj", "pos_embed.proj"),
-            ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
-            ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
-            ("t_block.1", "adaln_single.linear"),
-            ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
-            ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
-            ("final_layer.linear", "proj_out")]
-    for i in range(depth):
-        a, b = f"blocks.{i}.", f"transformer_blocks.{i}."
-        mods += [(a + "attn.qkv", tuple(b + f"attn1.to_{n}" for n in "qkv")),
-                 (a + "attn.proj", b + "attn1.to_out.0"),
-                 (a + "cross_attn.q_linear", b + "attn2.to_q"),
-                 (a + "cross_attn.kv_linear", (b + "attn2.to_k", b + "attn2.to_v")),
-                 (a + "cross_attn.proj", b + "attn2.to_out.0"),
-                 (a + "mlp.fc1", b + "ff.net.0.proj"),
-                 (a + "mlp.fc2", b + "ff.net.2")]
-    pairs = [(f"{a}.{s}", tuple(f"{n}.{s}" for n in b) if isinstance(b, tuple) else f"{b}.{s}")
-             for a, b in mods for s in ("weight", "bias")]
-    pairs += [(f"blocks.{i}.scale_shift_table", f"transformer_blocks.{i}.scale_shift_table") for i in range(depth)]
-    return pairs + [("final_layer.scale_shift_table", "scale_shift_table")]
+
+def diffusers_pairs(depth):
+    """(our tensor name, its diffusers names: one, or the parts of a fused tensor) for a model of `depth` blocks."""
+    names = lambda b, prefix="": tuple(prefix + n for n in (b if isinstance(b, tuple) else (b,)))
+    mods = [(a, names(b)) for a, b in DIFFUSERS.items()]
+    mods += [(f"blocks.{i}.{a}", names(b, f"transformer_blocks.{i}.")) for i in range(depth) for a, b in DIFFUSERS_BLOCK.items()]
+    suffixes = lambda a: [""] if a.endswith("scale_shift_table") else [".weight", ".bias"]  # a parameter, or a module's
+    return [(a + s, tuple(n + s for n in b)) for a, b in mods for s in suffixes(a)]
 
 
 def convert_diffusers(sd):
-    """diffusers PixArtTransformer2DModel state dict -> ours (pure; unknown keys pass through to be reported)."""
+    """diffusers' state dict -> ours (pure; keys it does not name pass through, for the loader to report)."""
     sd, out = dict(sd), {}
-    if micro := [k for k in sd if "resolution_embedder" in k or "aspect_ratio_embedder" in k]:
-        print(f"sigma: ignoring {len(micro)} PixArt-α micro-condition tensors (size/aspect embedders)", file=sys.stderr)
-        for k in micro:
-            del sd[k]
-    depth = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
-    for ours, theirs in _diffusers_pairs(depth):
-        if isinstance(theirs, tuple) and all(n in sd for n in theirs):
-            out[ours] = torch.cat([sd.pop(n) for n in theirs])
-        elif isinstance(theirs, str) and theirs in sd:
-            out[ours] = sd.pop(theirs)
+    for ours, theirs in diffusers_pairs(len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})):
+        if all(n in sd for n in theirs):
+            tensors = [sd.pop(n) for n in theirs]
+            out[ours] = torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # q, k, v -> our fused qkv
     return {**out, **sd}
-
-
-def to_diffusers(sd):
-    """Our state dict -> diffusers' names (the inverse of convert_diffusers); the null caption is dropped."""
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    out = {}
-    for ours, theirs in _diffusers_pairs(depth):
-        if isinstance(theirs, tuple):
-            out.update(zip(theirs, sd[ours].chunk(len(theirs))))
-        else:
-            out[theirs] = sd[ours]
-    return out
-
-
-def diffusers_config(config: SigmaConfig):
-    """diffusers' PixArtTransformer2DModel config.json for our config."""
-    c = config
-    return {"_class_name": "PixArtTransformer2DModel", "activation_fn": "gelu-approximate", "attention_bias": True,
-            "attention_head_dim": c.hidden_size // c.num_heads, "attention_type": "default",
-            "caption_channels": c.caption_channels, "cross_attention_dim": c.hidden_size, "dropout": 0.0,
-            "in_channels": c.in_channels, "interpolation_scale": c.pe_interpolation, "norm_elementwise_affine": False,
-            "norm_eps": 1e-6, "norm_num_groups": 32, "norm_type": "ada_norm_single", "num_attention_heads": c.num_heads,
-            "num_embeds_ada_norm": 1000, "num_layers": c.depth, "out_channels": c.out_channels,
-            "patch_size": c.patch_size, "sample_size": c.sample_size, "upcast_attention": False,
-            "use_additional_conditions": False}  # must be explicit: unset, diffusers turns it on at sample_size 128
-
-
-def config_from_diffusers(d):
-    heads = d.get("num_attention_heads", 16)
-    interp = d.get("interpolation_scale") or max(d.get("sample_size", 128) // 64, 1)
-    return SigmaConfig(depth=d.get("num_layers", 28), hidden_size=heads * d.get("attention_head_dim", 72),
-                       num_heads=heads, patch_size=d.get("patch_size", 2), in_channels=d.get("in_channels", 4),
-                       out_channels=d.get("out_channels") or d.get("in_channels", 4),
-                       caption_channels=d.get("caption_channels") or 4096, sample_size=d.get("sample_size", 128),
-                       pe_interpolation=float(interp))
-
-
-def config_from_official(sd):
-    """Infer the config of an official state dict (head width 72 as every PixArt model; released pe convention)."""
-    w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
-    D, p = w.shape[0], w.shape[2]
-    kv = sorted(int(k.split(".")[1]) for k in sd if k.endswith("attn.sr.weight"))
-    cfg = dict(depth=len([k for k in sd if k.endswith(".scale_shift_table") and k.startswith("blocks.")]),
-               hidden_size=D, num_heads=max(D // 72, 1), patch_size=p, in_channels=w.shape[1],
-               out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
-               caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1], kv_compress_layers=tuple(kv))
-    if "y_embedder.y_embedding" in sd:
-        cfg["caption_tokens"] = sd["y_embedder.y_embedding"].shape[0]
-    if kv:
-        cfg["kv_compress_ratio"] = sd[f"blocks.{kv[0]}.attn.sr.weight"].shape[-1]
-    if "pos_embed" in sd:  # (1, T, D) table of the training grid: the only trace of the training size
-        cfg["sample_size"] = int(round(sd["pos_embed"].shape[1] ** 0.5)) * p
-        cfg["pe_interpolation"] = cfg["sample_size"] / 64  # released models: training size / 512
-    else:
-        print("sigma: checkpoint has no pos_embed; assuming the 1024 model's training size (pass config= to set it)",
-              file=sys.stderr)
-    return SigmaConfig(**cfg)
-
-
-def _read_safetensors(path):
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except Exception as e:  # truncated download, wrong file
-        raise ValueError(f"could not read {path} as safetensors ({e}); delete it and download it again") from None
-
-
-def _read_diffusers_folder(folder):
-    if os.path.isdir(os.path.join(folder, "transformer")):
-        folder = os.path.join(folder, "transformer")
-    cfg_path, index = os.path.join(folder, "config.json"), os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
-    else:
-        files = ["diffusion_pytorch_model.safetensors"]
-    sd = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: a diffusers transformer folder needs config.json and {name}")
-        sd.update(_read_safetensors(path)[0])
-    return sd, (json.load(open(cfg_path)) if os.path.exists(cfg_path) else None)
-
-
-def read_state_dict(src):
-    """Any supported checkpoint -> (state dict in OUR names, config found in it or None)."""
-    if isinstance(src, dict):
-        sd, cfg = src.get("state_dict", src), None
-    else:
-        src = os.fspath(src)
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"no checkpoint at {src}: pass an official .pth, a diffusers transformer folder, "
-                                    f"or a .safetensors written by sigma.save_checkpoint")
-        if os.path.isdir(src):
-            sd, d = _read_diffusers_folder(src)
-            return convert_diffusers(sd), (config_from_diffusers(d) if d else None)
-        if src.endswith(".safetensors"):
-            sd, meta = _read_safetensors(src)
-            if "sigma_config" in meta:  # our own format
-                return sd, SigmaConfig(**json.loads(meta["sigma_config"]))
-            beside = os.path.join(os.path.dirname(src), "config.json")
-            cfg = config_from_diffusers(json.load(open(beside))) if os.path.exists(beside) else None
-            return convert_diffusers(sd), cfg
-        try:
-            sd = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read {src} as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                             "read weights only, no pickled code runs): is the file complete? download it again") from None
-        sd, cfg = sd.get("state_dict", sd), None
-    # DDP saves 'module.x', torch.compile '_orig_mod.x', and train.py's compile(DDP(model)) '_orig_mod.module.x'
-    sd = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
-    if any(k.startswith("transformer_blocks.") for k in sd):
-        return convert_diffusers(sd), None
-    return sd, cfg
-
-
-def load_checkpoint(src, config=None):
-    """Official .pth / diffusers folder or .safetensors / our .safetensors (or a state dict) -> PixArtSigma (fp32, CPU, eval).
-
-    `config` overrides what the checkpoint says: e.g. `replace(CONFIGS["2K"], kv_compress_layers=KV_DEEP_HALF)`
-    adds KV compression to a plain checkpoint, with the paper's averaging init for the new conv and norm.
-    """
-    sd, found = read_state_dict(src)
-    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
-        raise ValueError(f"{'state dict' if isinstance(src, dict) else src} is not a PixArt checkpoint "
-                         f"(no x_embedder.proj.weight / pos_embed.proj.weight); first keys: {list(sd)[:5]}")
-    config = config or found or config_from_official(sd)
-    sd.pop("pos_embed", None)  # a buffer of the training grid; we recompute the table for every grid
-    with torch.device("meta"):  # no memory, no init work: every tensor comes from the checkpoint
-        model = PixArtSigma(config)
-    expected = model.state_dict()
-    added = sorted({int(k.split(".")[1]) for k in expected if k not in sd and (".attn.sr." in k or ".attn.norm." in k)})
-    new = dict(device=sd["x_embedder.proj.weight"].device)  # beside the checkpoint's tensors (a GPU state dict too)
-    for i in added:  # new KV-compression layers start as the paper says: averaging conv, identity-like norm
-        D, r = config.hidden_size, config.kv_compress_ratio
-        sd.update({f"blocks.{i}.attn.sr.weight": torch.full((D, 1, r, r), 1 / r**2, **new),
-                   f"blocks.{i}.attn.sr.bias": torch.zeros(D, **new),
-                   f"blocks.{i}.attn.norm.weight": torch.ones(D, **new), f"blocks.{i}.attn.norm.bias": torch.zeros(D, **new)})
-    if added:
-        print(f"sigma: KV compression added to blocks {added}: conv initialised to 2×2 averaging, norm to 1/0 "
-              f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
-    if "y_embedder.y_embedding" not in sd:  # diffusers files don't store the null caption
-        sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels, **new)
-        print("sigma: no null-caption embedding in this checkpoint (diffusers format): zeros stored, "
-              "encode T5(\"\") where one is needed", file=sys.stderr)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def show(xs):
-            return ", ".join(xs[:8]) + (f" … (+{len(xs) - 8})" if len(xs) > 8 else "")
-        raise ValueError("checkpoint does not fit the model config "
-                         f"(depth {config.depth}, width {config.hidden_size}, KV layers {list(config.kv_compress_layers)}):"
-                         + (f"\n  missing keys: {show(missing)}" if missing else "")
-                         + (f"\n  unexpected keys: {show(unexpected)}" if unexpected else "")
-                         + (f"\n  shape mismatches: {show(shapes)}" if shapes else ""))
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
-    return model.eval()
-
-
-def _atomic_save_file(tensors, path, metadata):
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint under `path`
-
-
-def save_checkpoint(model, path):
-    """Our format: one .safetensors with the config in its metadata, so loading needs no flags."""
-    model = getattr(model, "_orig_mod", model)  # never save torch.compile's wrapper names
-    _atomic_save_file(model.state_dict(), path, {"sigma_config": json.dumps(asdict(model.config))})
-
-
-def save_diffusers(model, folder):
-    """Write config.json + diffusion_pytorch_model.safetensors loadable by PixArtTransformer2DModel.from_pretrained."""
-    model = getattr(model, "_orig_mod", model)
-    c = model.config
-    if c.kv_compress_layers and c.kv_compress_mode == "conv":
-        raise ValueError("diffusers' PixArtTransformer2DModel has no KV compression, so a model with learned "
-                         "compression layers cannot be written in its format: use sigma.save_checkpoint")
-    if c.kv_compress_layers:
-        print(f"sigma: diffusers runs without KV compression; the '{c.kv_compress_mode}' mode is not saved", file=sys.stderr)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(diffusers_config(c), f, indent=2)
-    _atomic_save_file(to_diffusers(model.state_dict()), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                      {"format": "pt"})

@@ -10,11 +10,11 @@ PixArt-Σ conditions on the last hidden state of T5-XXL's encoder (Raffel et al.
   - gated-GELU feed-forward wo(gelu_tanh(wi_0 x) · wi_1 x) (original T5: wo(relu(wi x))).
 Letters: N batch, L text tokens (300), D d_model (4096), H heads (64), F d_ff (10240).
 Modules are named after the checkpoint keys (shared, encoder.block.i.layer.0.SelfAttention.q, ...), so
-loading the released text_encoder/ folder is the identity.
+loading the released text_encoder/ folder is the identity (weights.load_t5 reads its fp32 shards into bf16).
 
     from tokenizer import Tokenizer
     tokenizer = Tokenizer("pixart_sigma_sdxlvae_T5_diffusers/tokenizer")
-    model = load_t5("pixart_sigma_sdxlvae_T5_diffusers/text_encoder", dtype=torch.bfloat16, device="cuda")
+    model = weights.load_t5("pixart_sigma_sdxlvae_T5_diffusers/text_encoder", dtype=torch.bfloat16, device="cuda")
     y, mask = encode(model, tokenizer, ["a cat on a mat", ""])  # (2, 300, 4096), (2, 300); "" = null caption
 
 CPU dtype: bf16 is the default on CPU too. Measured (tests/benchmark.py t5) on the project's 2-core AMD EPYC
@@ -22,11 +22,8 @@ with AVX512-BF16, torch 2.13, 2 of T5-XXL's layers, 2 prompts × 300 tokens: fp3
 (bf16/fp32 0.40–0.46 in each of 4 runs), and bf16 halves the memory (T5-XXL 9.5 GB vs 19 GB). On a CPU
 without native bf16 matmuls fp32 may be faster: pass dtype=torch.float32 there.
 """
-import json
 import math
-import os
-import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -143,87 +140,3 @@ def encode(model, tokenizer, prompts):
     """Prompts -> (features (N, L, D) in the model's dtype, mask (N, L)) on the model's device."""
     ids, mask = (t.to(next(model.parameters()).device) for t in tokenizer(prompts))
     return model(ids, mask), mask
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_header(file):
-    """A safetensors file's table: key -> (dtype, shape, byte offset, byte length). No tensor data read."""
-    with open(file, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    return {k: (v["dtype"], v["shape"], 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items() if k != "__metadata__"}
-
-
-def find_tensors(path):
-    """-> (folder, {key: (file, dtype, shape, offset, nbytes)}) for a .safetensors file or a text_encoder/
-    folder holding model.safetensors.index.json + shards (the released layout) or model.safetensors."""
-    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
-    if os.path.isfile(path):
-        folder, files = os.path.dirname(path), [path]
-    elif os.path.isfile(index):
-        weight_map = json.load(open(index))["weight_map"]
-        folder, files = path, [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.isfile(file):
-                keys = [k for k, v in weight_map.items() if v == os.path.basename(file)]
-                raise FileNotFoundError(f"{index} expects shard {os.path.basename(file)} ({len(keys)} tensors, e.g. "
-                                        f"{keys[0]}) but {file} does not exist; download every shard the index lists")
-    elif os.path.isfile(single):
-        folder, files = path, [single]
-    else:
-        raise FileNotFoundError(f"{path}: expected a .safetensors file or a folder with model.safetensors.index.json "
-                                "+ shards or model.safetensors (the text_encoder/ folder of the released pipeline)")
-    return folder, {k: (file, *entry) for file in files for k, entry in read_header(file).items()}
-
-
-def read_config(folder):
-    """T5Config from config.json beside the weights (transformers' field names); XXL when there is none."""
-    file = os.path.join(folder, "config.json")
-    if not os.path.isfile(file):
-        return T5Config()
-    cfg = json.load(open(file))
-    if cfg.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise ValueError(f"{file}: feed_forward_proj={cfg['feed_forward_proj']!r}; only T5 v1.1's 'gated-gelu' "
-                         "encoder is implemented (PixArt uses t5-v1_1-xxl)")
-    return T5Config(**{f.name: cfg[f.name] for f in fields(T5Config) if f.name in cfg})
-
-
-def load_t5(path, dtype=torch.bfloat16, device="cpu"):
-    """Load the released fp32 T5 encoder into `dtype` on `device`, tensor by tensor.
-
-    The model is built on the meta device and allocated once, directly in the target dtype; each tensor
-    is then read from its shard with plain file reads (not mmap, as safetensors' safe_open does: touched
-    mapped pages count as the process's memory, up to the whole 18 GB) and converted as it is copied in.
-    Peak host memory is the model plus one fp32 tensor (the 0.5 GB embedding): ~10 GB for T5-XXL in bf16."""
-    if dtype == torch.float16:  # transformers keeps wo in fp32 and clamps; bf16 has fp32's range instead
-        raise ValueError("T5 v1.1 activations overflow float16 (> 65504); load it in torch.bfloat16 or torch.float32")
-    folder, tensors = find_tensors(path)
-    config = read_config(folder)
-    with torch.device("meta"):
-        model = T5Encoder(config).to(dtype)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    tensors = {k: t for k, t in tensors.items() if not k.startswith(("decoder.", "lm_head."))}  # full T5 files
-    tied = tensors.pop("encoder.embed_tokens.weight", None)  # transformers' alias of shared.weight
-    if tied is not None and "shared.weight" not in tensors:
-        tensors["shared.weight"] = tied  # else it is the same tensor stored twice
-    expected = model.state_dict()
-    problems = [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
-    problems += [f"unexpected key {k} (in {os.path.basename(t[0])})" for k, t in tensors.items() if k not in expected]
-    problems += [f"{k}: {t[1]} {tuple(t[2])} in the file, model expects {tuple(expected[k].shape)}"
-                 for k, t in tensors.items() if k in expected and (tuple(t[2]) != expected[k].shape or t[1] not in DTYPES)]
-    if problems:
-        shown = "\n  ".join(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-        raise ValueError(f"{path} does not match T5Encoder({config}):\n  {shown}\n"
-                         "(is this a T5 v1.1 encoder, and is config.json beside it the right one?)")
-    for k, (file, dt, shape, offset, nbytes) in sorted(tensors.items(), key=lambda kv: kv[1][::3]):  # file order
-        buf = bytearray(nbytes)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            f.readinto(buf)
-        expected[k].copy_(torch.frombuffer(buf, dtype=DTYPES[dt]).view(shape))  # converts the dtype
-    return model

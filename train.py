@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -35,7 +34,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from PIL import Image
 from tqdm import tqdm
@@ -47,6 +45,7 @@ import hub
 import lora
 import sigma
 import t5
+import weights
 from came import CAME
 from tokenizer import Tokenizer
 
@@ -65,17 +64,6 @@ def setup_ddp(device):
     return rank, world, dev
 
 
-def parse_layers(spec, depth):
-    """'deep' = the deep half (paper Tab. 3d), '14-27' a range, '3,5' a list, '' none."""
-    if spec == "deep":
-        return tuple(range(depth // 2, depth))
-    out = []
-    for part in filter(None, spec.split(",")):
-        a, _, b = part.partition("-")
-        out += range(int(a), int(b or a) + 1)
-    return tuple(out)
-
-
 def build_model(args, device, config=None):
     """--init: 'scratch' (the released --config, or `config` when a caller such as the quick start gives one), a
     released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
@@ -86,12 +74,8 @@ def build_model(args, device, config=None):
                          caption_tokens=args.caption_tokens)
     else:
         path = hub.resolve_model(args.init, "--init")[0]  # a released name -> the Hugging Face cache, a run folder -> its latest checkpoint
-        sd, config = sigma.read_state_dict(path)
-        alpha = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
-        if alpha:  # PixArt-α 1024-MS: Σ drops the size/aspect micro-conditions (paper §3)
-            print(f"init: ignoring PixArt-α's micro-condition embedders ({len(alpha)} tensors)")
-            sd = {k: v for k, v in sd.items() if k not in alpha}
-        config = config or sigma.config_from_official(sd)
+        sd, config = weights.read_state_dict(path)  # PixArt-α's size/aspect micro-conditions dropped (paper §3)
+        config = config or weights.config_from_official(sd)
         if config.caption_tokens != args.caption_tokens:  # PixArt-α: 120 T5 tokens; Σ: 300
             print(f"init: caption length {config.caption_tokens} -> {args.caption_tokens}; null caption re-encoded")
             sd["y_embedder.y_embedding"] = torch.zeros(args.caption_tokens, config.caption_channels)
@@ -106,9 +90,9 @@ def build_model(args, device, config=None):
         print(f"model: pe_interpolation {config.pe_interpolation:g} -> {args.pe_interpolation:g} (--pe-interpolation)")
         config = replace(config, pe_interpolation=args.pe_interpolation)
     if args.kv_compress_layers:  # stage 3: load_checkpoint gives the new conv/norm the paper's averaging init
-        config = replace(config, kv_compress_layers=parse_layers(args.kv_compress_layers, config.depth),
+        config = replace(config, kv_compress_layers=hub.parse_layers(args.kv_compress_layers, config.depth),
                          kv_compress_ratio=args.kv_compress_ratio or 2)
-    model = sigma.PixArtSigma(config) if sd is None else sigma.load_checkpoint(sd, config)
+    model = sigma.PixArtSigma(config) if sd is None else weights.load_checkpoint(sd, config)
     return model.to(device).train()
 
 
@@ -116,14 +100,13 @@ def load_encoders(args, caption_tokens, device, comps):
     """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) ->
     encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = hub.load("text encoder", comps["text_encoder"], t5.load_t5, dtype=dtype, device=device)  # damaged: one line
+    text = hub.load("text encoder", comps["text_encoder"], weights.load_t5, dtype=dtype, device=device)  # damaged: one line
     tok = hub.load("tokenizer", comps["tokenizer"], Tokenizer, max_length=caption_tokens)
     vae_path = args.vae or comps["vae"]
     if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
         encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)
     else:
-        import vae as vae_lib
-        vae = hub.load("VAE", vae_path, vae_lib.load_vae, dtype=dtype, device=device).eval()
+        vae = hub.load("VAE", vae_path, weights.load_vae, dtype=dtype, device=device).eval()
         encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
         decode = lambda z: vae.decode(z.to(dtype)).float()
     encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
@@ -135,30 +118,23 @@ def save_state(out, step, model, ema, opt, extra, keep):
     """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
     'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
     name = f"step_{step:07d}"
-    final, tmp = os.path.join(out, name), os.path.join(out, f".tmp_{name}")
-    for stale in (final, tmp):  # final: a save that a kill interrupted before `latest` moved to it, now redone
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(tmp)
-    if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
-        lora.save(model, tmp)
-    else:
-        sigma.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
-    if ema is not None:
-        sigma.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
-    torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
+    final = os.path.join(out, name)
+    shutil.rmtree(final, ignore_errors=True)  # a save that a kill interrupted before `latest` moved to it, now redone
+    with weights.atomic(final) as tmp:
+        os.makedirs(tmp)
+        if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
+            lora.save(model, tmp)
+        else:
+            weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+        if ema is not None:
+            weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
+        torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
+    with weights.atomic(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
         f.write(name)
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
     old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []
     for d in old:
         shutil.rmtree(os.path.join(out, d))
     return final
-
-
-def latest_checkpoint(out):
-    pointer = os.path.join(out, "latest")
-    return os.path.join(out, open(pointer).read().strip()) if os.path.exists(pointer) else None
 
 
 def check_resume(args, resume):
@@ -175,15 +151,14 @@ def check_resume(args, resume):
     if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
         return
     try:
-        with safe_open(os.path.join(resume, "model.safetensors"), "pt") as f:
-            saved = json.loads(f.metadata()["sigma_config"])
+        saved = weights.checkpoint_config(os.path.join(resume, "model.safetensors"))
     except Exception as e:  # damaged, or not written by this train.py
         raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
                          "point 'latest' at an earlier step_N folder, or start a new run") from None
-    layers = args.kv_compress_layers and list(parse_layers(args.kv_compress_layers, saved["depth"]))
-    for flag, now, then in (("--image-size", args.image_size, saved["sample_size"] * args.vae_factor),
-                            ("--caption-tokens", args.caption_tokens, saved["caption_tokens"]),
-                            ("--kv-compress-layers", layers or saved["kv_compress_layers"], saved["kv_compress_layers"])):
+    layers = args.kv_compress_layers and hub.parse_layers(args.kv_compress_layers, saved.depth)
+    for flag, now, then in (("--image-size", args.image_size, saved.sample_size * args.vae_factor),
+                            ("--caption-tokens", args.caption_tokens, saved.caption_tokens),
+                            ("--kv-compress-layers", list(layers or saved.kv_compress_layers), list(saved.kv_compress_layers))):
         if now != then:
             raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
                              f"is; give the run's value, or start a new run with --init {resume}")
@@ -205,13 +180,13 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
-    resume = latest_checkpoint(args.out)
+    resume = weights.latest_checkpoint(args.out)
     check_resume(args, resume)
     if args.resume and resume is None and master:
         print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
 
     # data first, shapes (quick start) or images: every image and caption is checked before a model is built
-    keys, weights = data.caption_keys(args.caption_keys)
+    keys, key_weights = data.caption_keys(args.caption_keys)
     table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
     encoders, skipped, records = None, 0, None
     if dataset is None:
@@ -236,7 +211,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         vae_path = args.vae or components.get("vae")
         hub.save_run_settings(args.out, dict(components, vae=vae_path), None if vae_path else args.pixel_scale)
     if resume and not args.lora_rank:
-        model = sigma.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
+        model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
         model = build_model(args, device, config)
     if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
@@ -299,7 +274,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if ema is not None:
-            ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors")))
+            ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
         if state["global_batch"] != global_batch and master:
             print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
         if master:
@@ -328,7 +303,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
             sl = torch.tensor([rank * B + i for i in keep], device=device)  # this rank's rows of the global draw
             t = torch.randint(0, diffusion.NUM_TIMESTEPS, (G,), generator=g, device=device)[sl]
             drop = (torch.rand(G, generator=g, device=device) < args.caption_dropout)[sl]
-            choice = torch.multinomial(weights.to(device).expand(G, -1), 1, generator=g)[sl, 0].tolist()
+            choice = torch.multinomial(key_weights.to(device).expand(G, -1), 1, generator=g)[sl, 0].tolist()
             if "latent" in items[0]:  # cached features
                 x0 = torch.stack([it["latent"] for it in items]).to(device)
                 y, mask = (v.to(device) for v in data.pad_tokens([it["y"][c] for it, c in zip(items, choice)], cfg.caption_tokens))
@@ -379,7 +354,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     bar.close()
     if master:
         prompt = args.preview_prompts.split("|")[0]
-        print(f"train.py: done, step {step} in {latest_checkpoint(args.out)}; sample it with:\n"
+        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
               f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -506,8 +481,8 @@ def check_args(args, argv, own_components=False):
     if not args.no_buckets:
         data.bucket_table(args.image_size)  # its message names --no-buckets
     data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
-    if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
-        raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")
+    if args.kv_compress_layers:  # the syntax now; the blocks against the model's depth once it is known
+        hub.parse_layers(args.kv_compress_layers)
     if not any(q.strip() for q in args.preview_prompts.split("|")):
         raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
     for flag, path in (("--out", args.out), ("--cache", args.cache)):
@@ -536,9 +511,8 @@ def cut_log(path, step):
                 keep.append(line.rstrip("\n") + "\n")
         except ValueError:
             pass
-    with open(path + ".tmp", "w") as f:
+    with weights.atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

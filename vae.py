@@ -4,15 +4,15 @@ The LDM autoencoder (Rombach et al., arXiv 2112.10752; weights retrained for SDX
 conv_in, one level per block_out_channels entry (GroupNorm-SiLU-conv ResNet blocks, a stride-2 conv between
 levels: 8x smaller per side with 4 levels), a mid block (resnet, single-head self-attention over all pixels,
 resnet), then GroupNorm-SiLU-conv to 2x4 channels: mean and log-variance of a diagonal Gaussian q(z|x).
-`encode` returns its mean (the mode: deterministic) or, with sample=True, mean + std·ε as diffusers' training
-scripts do (latent_dist.sample()). The decoder mirrors it (one more resnet per level, nearest-x2 upsampling)
-and maps z to an image in about [-1, 1], unclamped (the caller clamps).
+`encode` returns its mean (the mode) or, with sample=True, mean + std·ε (diffusers' latent_dist.sample()). The
+decoder mirrors it (one more resnet per level, nearest-x2 upsampling) to an image in about [-1, 1], unclamped.
+Modules are named after diffusers' keys; the single-file LDM layout goes through `convert_ldm` (files: weights.py).
 
 Notable features:
 - scaling_factor s ≈ 1/std of the latents, so the DiT sees ~unit-variance z·s like its noise: 0.18215 for
   SD 1.x's VAE, 0.13025 for SDXL's. Same architecture, other weights: PixArt-α was trained on SD's VAE and
   PixArt-Σ's weak-to-strong training first swaps in SDXL's ("VAE adaptation", ~2K steps), hence `SD`, `SDXL`.
-- fp16: SDXL's VAE has activations beyond fp16's 65504 and decodes to inf/NaN, so load_vae(dtype=fp16)
+- fp16: SDXL's VAE has activations beyond fp16's 65504 and decodes to inf/NaN, so weights.load_vae(dtype=fp16)
   loads fp32 with a warning (diffusers' force_upcast) and a model cast to fp16 by hand refuses to run.
   bf16 has fp32's exponent range and is fine.
 - Tiling, diffusers' scheme: tiles of 128 latents (1024 px) every 96, each blended into its upper and left
@@ -21,16 +21,12 @@ Notable features:
 - Attention: F.scaled_dot_product_attention, one head of width 512. Its fused kernels (flash on CPU,
   memory-efficient on CUDA) never form the (hw x hw) scores: 275 GB in fp32 at 4096² untiled.
 Letters: N batch, C channels, H, W image pixels, h, w latent pixels (H = 8h with 4 levels).
-
-    vae = load_vae("pixart_sigma_sdxlvae_T5_diffusers/vae")   # or sdxl_vae.safetensors
+    vae = weights.load_vae("pixart_sigma_sdxlvae_T5_diffusers/vae")   # or sdxl_vae.safetensors
     z = vae.encode(images)                 # (N, 3, H, W) in [-1, 1] -> (N, 4, h, w), scaled
     images = vae.decode(z).clamp(-1, 1)    # (N, 3, H, W)
 """
 import dataclasses
-import json
-import os
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -203,7 +199,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{what} must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
         if w.dtype == torch.float16 and self.config.force_upcast:
             raise ValueError("this VAE (force_upcast, e.g. SDXL's) overflows in float16: use vae.float() or "
-                             "vae.to(torch.bfloat16); load_vae(..., dtype=torch.float16) upcasts to float32")
+                             "vae.to(torch.bfloat16); weights.load_vae(..., dtype=torch.float16) upcasts to float32")
         return x.to(w.device, w.dtype)  # results come back in the input's dtype, on the model's device
 
     def _run(self, fn, x, tiled, pixels, tile_in, tile_out):
@@ -262,60 +258,3 @@ def convert_ldm(sd):
             k = re.sub(pattern, repl, k)
         out[k] = v[:, :, 0, 0] if ".attentions.0.to_" in k and k.endswith("weight") and v.ndim == 4 else v
     return out
-
-
-WEIGHTS = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-           "diffusion_pytorch_model.bin"]  # looked for in this order in a folder
-
-
-def _read_config(path):
-    """diffusers' config.json -> VAEConfig (same field names), refusing options this file does not implement."""
-    with open(path) as f:
-        raw = json.load(f)
-    for key, ok in [("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True),
-                    ("mid_block_add_attention", True), ("shift_factor", None), ("latents_mean", None)]:
-        if raw.get(key, ok) != ok:
-            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported (only {key}={ok!r})")
-    known = {f.name for f in dataclasses.fields(VAEConfig)} - {"tile_latent", "tile_overlap", "tile_above"}
-    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
-
-
-def load_vae(path, dtype=torch.float32, device="cpu", config=None):
-    """A diffusers vae/ folder (or the pipeline folder above it), one weights file of it, or a single-file
-    LDM VAE (sdxl_vae.safetensors). config: from config.json beside the weights, else SDXL (SD 1.x single
-    files: pass config=SD). Returns the frozen model in eval mode; channels_last on CPU (faster there)."""
-    path = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-    file = next((os.path.join(path, f) for f in WEIGHTS if os.path.isfile(os.path.join(path, f))), None) \
-        if os.path.isdir(path) else path
-    if file is None or not os.path.isfile(file):
-        raise FileNotFoundError(f"no VAE weights at {path}: give a diffusers vae/ folder (with one of {WEIGHTS}) "
-                                "or a .safetensors file")
-    if config is None and os.path.exists(os.path.join(os.path.dirname(file), "config.json")):
-        config = _read_config(os.path.join(os.path.dirname(file), "config.json"))
-    config = config or SDXL
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(file)
-    else:
-        sd = torch.load(file, weights_only=True, map_location="cpu")  # never unpickle code
-        sd = sd.get("state_dict", sd)  # LDM .ckpt
-    if any(re.match(r"(first_stage_model\.|vae\.)?encoder\.down\.", k) for k in sd):
-        sd = convert_ldm(sd)
-    elif any(k.endswith(".query.weight") for k in sd):
-        sd = convert_old_attention(sd)
-    model = AutoencoderKL(config)
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(own.keys() & sd.keys()) if sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{file} does not fit {config}:\n  missing ({len(missing)}): {missing[:8]}\n  unexpected "
-                         f"({len(unexpected)}): {unexpected[:8]}\n  shape mismatches ({len(shapes)}): {shapes[:8]}")
-    model.load_state_dict(sd)
-    if dtype == torch.float16 and config.force_upcast:
-        warnings.warn("this VAE (force_upcast, e.g. SDXL's) overflows in float16; loading it in float32 instead "
-                      "(bfloat16 works too). encode/decode return the dtype of their input.")
-        dtype = torch.float32
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    # oneDNN convolutions skip layout reorders in channels_last: measured ~12% less CPU time (benchmark.py vae)
-    return model.to(memory_format=torch.channels_last) if model.quant_conv.weight.is_cpu else model

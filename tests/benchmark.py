@@ -39,13 +39,14 @@ def bench_dit():
     import dataclasses
     from diffusers import PixArtTransformer2DModel
     import sigma
+    import weights
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     config = sigma.CONFIGS["2K" if cuda else "1024"]
-    kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in weights.diffusers_config(config).items() if not k.startswith("_")}
     ref = PixArtTransformer2DModel(**kwargs).eval()
-    ours = sigma.load_checkpoint(ref.state_dict(), config)
+    ours = weights.load_checkpoint(ref.state_dict(), config)
     ref, ours = ref.to(device, dtype), ours.to(device, dtype)
     # CPU: batch 2 at a 32² latent (256 px); GPU: the CFG batch of 2 at 1024² and 4096² (128², 512² latents)
     for side in ([128, 512] if cuda else [32]):
@@ -58,7 +59,7 @@ def bench_dit():
         t_ours = timeit(lambda: ours(x, t, y, mask), repeat=3)
         report(f"DiT forward {side}² latent, batch 2, {str(dtype)[6:]}", t_ours, t_ref)
         if cuda:  # KV compression in the deep half (paper), and torch.compile
-            kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=sigma.KV_DEEP_HALF))
+            kv = weights.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=sigma.KV_DEEP_HALF))
             kv = kv.to(device, dtype)
             report(f"  + KV compression blocks 14-27", timeit(lambda: kv(x, t, y, mask)), t_ref)
             compiled = torch.compile(ours)
@@ -147,7 +148,7 @@ def peak_rss_gib(code):
     script = textwrap.dedent(f"""
         import re, sys, torch
         sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
-        import t5, transformers
+        import t5, transformers, weights
         hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
         base = hwm()
         {code}
@@ -212,7 +213,7 @@ def bench_t5():
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": int(fp32 * 2**30)}, "weight_map": shards}, f)
         T5Config(feed_forward_proj="gated-gelu", **vars(config)).to_json_file(os.path.join(folder, "config.json"))
-        ours = peak_rss_gib(f"m = t5.load_t5({folder!r}, torch.bfloat16)")
+        ours = peak_rss_gib(f"m = weights.load_t5({folder!r}, torch.bfloat16)")
         ref = peak_rss_gib(f"m = transformers.T5EncoderModel.from_pretrained({folder!r}, dtype=torch.bfloat16)")
     print(f"{'load sharded fp32 T5 (d_model 2048, 12 layers) -> bf16':<48} peak RSS ours {ours:.2f} GiB   "
           f"transformers {ref:.2f} GiB   (fp32 files {fp32:.2f} GiB, bf16 model {fp32 / 2:.2f} GiB)", flush=True)
@@ -233,6 +234,7 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
     import sigma
     import t5
     import vae as vaelib
+    import weights
     from tokenizer import Tokenizer
 
     cuda = device == "cuda"
@@ -249,16 +251,16 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
     ref_vae.load_state_dict(vae.state_dict())
     ref_vae, ref_t5 = ref_vae.to(device, dtype).eval(), hf_t5(text_encoder)  # shares our T5's tensors
 
-    def weights(*modules):
+    def weight_bytes(*modules):
         return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
     for side in sides:
         config = dit_config or sigma.CONFIGS["1024" if side <= 1536 else "2K"]
-        kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+        kwargs = {k: v for k, v in weights.diffusers_config(config).items() if not k.startswith("_")}
         ref_dit = PixArtTransformer2DModel(**kwargs).eval()
-        dit = sigma.load_checkpoint(ref_dit.state_dict(), config).to(device, dtype)
-        kv = sigma.load_checkpoint(ref_dit.state_dict(), dataclasses.replace(
-            config, kv_compress_layers=tuple(range(config.depth // 2, config.depth)))).to(device, dtype)
+        dit = weights.load_checkpoint(ref_dit.state_dict(), config).to(device, dtype)
+        kv = weights.load_checkpoint(ref_dit.state_dict(), dataclasses.replace(
+            config, kv_compress_layers=sigma.deep_half(config.depth))).to(device, dtype)
         pipe = PixArtSigmaPipeline(tokenizer=reference_tokenizer, text_encoder=ref_t5, vae=ref_vae,
                                    transformer=ref_dit.to(device, dtype), scheduler=DPMSolverMultistepScheduler())
         pipe.set_progress_bar_config(disable=True)
@@ -288,7 +290,7 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             ref()  # its T5 forward is inside this window too (small next to the DiT's activations)
-            peak_ref = torch.cuda.max_memory_allocated() - base + weights(ref_dit, ref_vae)
+            peak_ref = torch.cuda.max_memory_allocated() - base + weight_bytes(ref_dit, ref_vae)
             start = []
 
             def dit_after_t5():  # generate calls this once T5 is done: from here on, the DiT + VAE phase
@@ -298,7 +300,7 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
 
             sample.generate([prompt], dit_after_t5, text_encoder, tokenizer, vae, size=(side, side), binning=False,
                             progress=False)
-            peak = torch.cuda.max_memory_allocated() - start[0] + weights(dit, vae)
+            peak = torch.cuda.max_memory_allocated() - start[0] + weight_bytes(dit, vae)
             print(f"{'  peak GPU memory, DiT + VAE (weights included)':<48} ours {peak / 2**30:6.2f} GiB   "
                   f"diffusers {peak_ref / 2**30:6.2f} GiB", flush=True)
         del pipe, ref_dit, dit, kv
@@ -314,17 +316,15 @@ def bench_pipeline():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_sample import diffusers_pipeline, reference_tokenizer, write_components
     import sample
-    import sigma
-    import t5
-    import vae as vaelib
+    import weights
     from tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_components(os.path.join(tmp, "pipeline"))
         pipe = diffusers_pipeline(root)
         pipe.set_progress_bar_config(disable=True)
-        model, vae = sigma.load_checkpoint(f"{root}/transformer"), vaelib.load_vae(f"{root}/vae")
-        text_encoder, tokenizer = t5.load_t5(f"{root}/text_encoder", torch.float32), Tokenizer(f"{root}/tokenizer")
+        model, vae = weights.load_checkpoint(f"{root}/transformer"), weights.load_vae(f"{root}/vae")
+        text_encoder, tokenizer = weights.load_t5(f"{root}/text_encoder", torch.float32), Tokenizer(f"{root}/tokenizer")
         prompt = "a small cactus with a happy face in the sahara desert"
         report("pipeline 256², 20 steps, tiny weights, CPU", timeit(
             lambda: sample.generate([prompt], model, text_encoder, tokenizer, vae, size=(256, 256), progress=False)),
@@ -347,6 +347,7 @@ def bench_train():
     from diffusers import PixArtTransformer2DModel
     import diffusion
     import sigma
+    import weights
     from came import CAME
 
     cuda = torch.cuda.is_available()
@@ -363,9 +364,9 @@ def bench_train():
             del ps
         report(f"CAME step, {sum(p.numel() for p in params) / 1e6:.0f}M params", *seconds)
         del params
-        kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+        kwargs = {k: v for k, v in weights.diffusers_config(config).items() if not k.startswith("_")}
         ref = PixArtTransformer2DModel(**kwargs).to(device)
-        ours = sigma.load_checkpoint(ref.state_dict(), config).to(device).train()
+        ours = weights.load_checkpoint(ref.state_dict(), config).to(device).train()
         ref_fn = lambda x, t, y, mask: ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample
         cases = [(512, 32), (1024, 8)] if cuda else [(256, 2)]  # (pixels, batch)
         for px, N in cases:
@@ -492,6 +493,7 @@ def bench_vae():
     import tempfile
     from diffusers import AutoencoderKL
     import vae as vaelib
+    import weights
 
     c, cuda = vaelib.SDXL, torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -500,7 +502,7 @@ def bench_vae():
                         scaling_factor=c.scaling_factor, sample_size=1024).eval()  # tiles of 1024 px, as ours
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = vaelib.load_vae(tmp, dtype=dtype, device=device)
+        ours = weights.load_vae(tmp, dtype=dtype, device=device)
     ref = ref.to(device, dtype) if cuda else ref  # (.to() would only print a dtype warning on CPU)
     for side, tiled in ([(1024, False), (4096, True)] if cuda else [(256, False)]):
         z = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)

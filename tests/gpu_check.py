@@ -40,6 +40,7 @@ import sample  # noqa: E402
 import sigma  # noqa: E402
 import t5 as t5lib  # noqa: E402
 import vae as vaelib  # noqa: E402
+import weights  # noqa: E402
 from came import CAME  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -139,10 +140,6 @@ DRY = Plan(dit={"1024": sigma.SigmaConfig(**_TINY, sample_size=16, pe_interpolat
                                 tile_latent=16, tile_above=128 * 128),
            sides=(64, 128, 256), train=((64, 2), (128, 2)), max_batch=4, matmul=256, parity_side=128, kv_grid=8,
            budget=120, scale=0.0)
-
-
-def deep_half(config):
-    return tuple(range(config.depth // 2, config.depth))  # paper Tab. 3d: compress the deep half
 
 
 def dit_for(plan, side):
@@ -262,7 +259,7 @@ def random_diffusers_dit(config, device, dtype=torch.float32):
     """diffusers' PixArtTransformer2DModel for `config`, built on `device`, every tensor random at a trained-
     looking scale (its zero-inits would hide mistakes): weights at fan_in^-½, vectors and tables at 0.02."""
     from diffusers import PixArtTransformer2DModel
-    kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in weights.diffusers_config(config).items() if not k.startswith("_")}
     with torch.device(device):
         ref = PixArtTransformer2DModel(**kwargs).eval()
     with torch.no_grad():
@@ -303,7 +300,7 @@ def check_dit(c):
     if not HAVE_DIFFUSERS:
         raise Skip("diffusers not installed")
     ref = random_diffusers_dit(config, dev.device)
-    ours = sigma.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
+    ours = weights.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
     x, t, y, mask = dit_inputs(config, c.plan.parity_side, 2, dev.device, torch.float32)
     t = torch.tensor([999, 250], device=dev.device)
     fwd = lambda m, dt: m(x.to(dt), t, y.to(dt), mask).float()  # noqa: E731
@@ -358,7 +355,7 @@ def check_lora(c):
     with tempfile.TemporaryDirectory() as folder:
         model = peft_lora(ref, folder, std=0.02, r=16, lora_alpha=8)
         expected = peft_forward(model, x, t, y, mask)
-        ours = sigma.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
+        ours = weights.load_checkpoint({k: v.clone() for k, v in ref.state_dict().items()}, config)
         with torch.no_grad():
             err = rel_err(lora.merge(ours, [lora.read(folder)])(x, t, y, mask), expected)
             base = rel_err(ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample, expected)
@@ -377,9 +374,9 @@ def check_pipeline(c):
         root = write_components(os.path.join(tmp, "pipeline"))
         pipe = diffusers_pipeline(root).to(d)
         pipe.set_progress_bar_config(disable=True)
-        model = sigma.load_checkpoint(f"{root}/transformer").to(d)
-        text = t5lib.load_t5(f"{root}/text_encoder", torch.float32, d)
-        vae = vaelib.load_vae(f"{root}/vae", device=d)
+        model = weights.load_checkpoint(f"{root}/transformer").to(d)
+        text = weights.load_t5(f"{root}/text_encoder", torch.float32, d)
+        vae = weights.load_vae(f"{root}/vae", device=d)
         prompt = "a small cactus with a happy face in the sahara desert"
         ours = sample.generate([prompt], model, text, Tokenizer(f"{root}/tokenizer"), vae, size=(256, 256), steps=20,
                                seed=3, progress=False, output_type="np")[0]
@@ -426,9 +423,10 @@ def speed_dit(c, compiled=False):
         T = (side // 16) ** 2
         x, t, y, mask = dit_inputs(config, side, 2, dev.device, dtype)
         ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
-        ours = (sigma.load_checkpoint(ref.state_dict(), config) if ref is not None
+        ours = (weights.load_checkpoint(ref.state_dict(), config) if ref is not None
                 else random_dit(config, dev.device, torch.float32)).to(dtype)
-        kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=deep_half(config)))
+        kv_config = dataclasses.replace(config, kv_compress_layers=sigma.deep_half(config.depth))
+        kv = weights.load_checkpoint(ours.state_dict(), kv_config)
         kv = kv.to(dtype)
         reps = (3, 1) if side <= 2048 else (2, 1)
         with torch.no_grad():
@@ -505,16 +503,18 @@ def speed_pipeline(c):
         config = dit_for(plan, side)
         c.need({1024: 15, 2048: 45, 4096: 150}.get(side, 1), f"pipeline {side}²")
         ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
-        ours = (sigma.load_checkpoint(ref.state_dict(), config) if ref is not None
+        ours = (weights.load_checkpoint(ref.state_dict(), config) if ref is not None
                 else random_dit(config, dev.device, torch.float32)).to(dtype)
-        kv = sigma.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=deep_half(config)))
+        kv_config = dataclasses.replace(config, kv_compress_layers=sigma.deep_half(config.depth))
+        kv = weights.load_checkpoint(ours.state_dict(), kv_config)
         kv = kv.to(dtype)
         warm, reps = (1, 2) if side <= 1024 else (0, 1)  # a 4096² image takes most of a minute: once is enough
         t_ref = ref_peak = ref_phases = None
         if ref is not None:
             from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
             from transformers import T5Tokenizer
-            pipe = PixArtSigmaPipeline(tokenizer=T5Tokenizer.from_pretrained(os.path.dirname(spiece)), text_encoder=hf_t5(text), vae=diffusers_vae(ae),
+            pipe = PixArtSigmaPipeline(tokenizer=T5Tokenizer.from_pretrained(os.path.dirname(spiece)),
+                                       text_encoder=hf_t5(text), vae=diffusers_vae(ae),
                                        transformer=ref, scheduler=DPMSolverMultistepScheduler())
             pipe.set_progress_bar_config(disable=True)
             if side * side > plan.vae.tile_above:

@@ -1,6 +1,6 @@
 """The released PixArt-Σ .pth layout (official PixArtMS), written from a diffusers PixArtTransformer2DModel state
 dict by a mapping of the tests' own: nothing here comes from sigma.py, so loading the result with
-sigma.load_checkpoint and comparing with diffusers' forward checks how sigma reads the official format
+weights.load_checkpoint and comparing with diffusers' forward checks how sigma reads the official format
 (tests/data/pixart_sigma_xl2_keys.json holds the official names and shapes this mapping must produce)."""
 import torch
 

@@ -18,9 +18,8 @@ import hub
 import quickstart
 import sample
 import sigma
-import t5 as t5lib
 import train
-import vae as vaelib
+import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +39,8 @@ def nothing_heavy(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "hf_hub_download", refuse("a download"))
     monkeypatch.setattr(hub, "get_hf_file_metadata", refuse("a network request"))
     monkeypatch.setattr(sigma.PixArtSigma, "__init__", refuse("a DiT built"))
-    monkeypatch.setattr(t5lib, "load_t5", refuse("T5 loaded"))
-    monkeypatch.setattr(vaelib, "load_vae", refuse("a VAE loaded"))
+    monkeypatch.setattr(weights, "load_t5", refuse("T5 loaded"))
+    monkeypatch.setattr(weights, "load_vae", refuse("a VAE loaded"))
     monkeypatch.setattr(quickstart, "components", refuse("the quick-start T5 written"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -56,7 +55,7 @@ def files(tmp_path_factory):
     comps = quickstart.components(str(run))
     config = sigma.SigmaConfig(**{**quickstart.DIT, "depth": 1, "hidden_size": 32, "num_heads": 2})
     os.makedirs(run / "step_0000005")
-    sigma.save_checkpoint(sigma.PixArtSigma(config), str(run / "step_0000005" / "model.safetensors"))
+    weights.save_checkpoint(sigma.PixArtSigma(config), str(run / "step_0000005" / "model.safetensors"))
     (run / "latest").write_text("step_0000005")
     hub.save_run_settings(str(run), comps, pixel_scale=4.0)
     (root / "fresh").mkdir()

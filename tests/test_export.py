@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import export
 import hub
 import sample
-import sigma
 import train
+import weights
 from test_sample import fake_hub_cache, pixels, tree, write_components
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
@@ -55,7 +55,7 @@ def test_exported_run_draws_the_same_image_in_diffusers_and_sample_py(trained, t
     rc, stdout, _ = cli(capsys, run, out)
     assert rc == 0 and "ema.safetensors" in stdout
     # the EMA weights, not the last ones, are the transformer written (the null caption is not part of diffusers')
-    written, ema = sigma.load_checkpoint(str(out / "transformer")).state_dict(), load_file(run / "step_0000002" / "ema.safetensors")
+    written, ema = weights.load_checkpoint(str(out / "transformer")).state_dict(), load_file(run / "step_0000002" / "ema.safetensors")
     last = load_file(run / "step_0000002" / "model.safetensors")
     assert all(torch.equal(written[k], ema[k]) for k in ema if k != "y_embedder.y_embedding")
     assert any(not torch.equal(ema[k], last[k]) for k in ema)
@@ -98,7 +98,7 @@ def test_a_given_step_and_the_released_components_from_the_cache(trained, tmp_pa
     rc, stdout, _ = cli(capsys, step, out)
     assert rc == 0 and "model.safetensors" in stdout
     assert os.stat(out / "text_encoder" / "config.json").st_ino == os.stat(f"{snapshot}/text_encoder/config.json").st_ino
-    written, last = sigma.load_checkpoint(str(out / "transformer")).state_dict(), load_file(step / "model.safetensors")
+    written, last = weights.load_checkpoint(str(out / "transformer")).state_dict(), load_file(step / "model.safetensors")
     assert all(torch.equal(written[k], last[k]) for k in last if k != "y_embedder.y_embedding")
 
 
@@ -165,7 +165,7 @@ def test_a_lora_run_exports_merged(trained, tmp_path, capsys, one_thread):
     rc, _, err = cli(capsys, lora_run, out)
     assert rc == 0, err
     assert sorted(os.listdir(out / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
-    merged = sigma.load_checkpoint(str(out / "transformer")).state_dict()
+    merged = weights.load_checkpoint(str(out / "transformer")).state_dict()
     base = load_file(run / "step_0000002" / "ema.safetensors")  # what the LoRA run trained on: the run's EMA weights
     assert any((merged[k] - base[k]).abs().max() > 1e-4 for k in base if k != "y_embedder.y_embedding")  # merged
     pipe = PixArtSigmaPipeline.from_pretrained(out)

@@ -19,6 +19,7 @@ import quickstart
 import sample
 import sigma
 import train
+import weights
 from test_sigma import TINY, diffusers_model, inputs, reference_forward
 
 # the target list of the official LoRA script (PixArt-sigma train_scripts/train_pixart_lora_hf.py)
@@ -47,7 +48,7 @@ def peft_forward(model, x, t, y, mask):
 
 def ours(ref, config=TINY):
     """Our model with diffusers' weights, in their dtype (a copy: merge writes into the weights)."""
-    return sigma.load_checkpoint(copy.deepcopy(ref.state_dict()), config).to(ref.dtype)
+    return weights.load_checkpoint(copy.deepcopy(ref.state_dict()), config).to(ref.dtype)
 
 
 def close(a, b, tol=1e-5):
@@ -138,7 +139,7 @@ def base(tmp_path, monkeypatch):
     with torch.no_grad():  # random everywhere: the zero-inits (final layer, cross-attention out) would hide the LoRA
         for p in model.parameters():
             p.normal_(0, 0.2)
-    sigma.save_checkpoint(model, str(folder / "model.safetensors"))
+    weights.save_checkpoint(model, str(folder / "model.safetensors"))
     yield model
     torch.set_num_threads(threads)
 
@@ -155,7 +156,7 @@ def test_train_lora_loads_in_peft_and_samples(tmp_path, base, capsys):
     frozen = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items() if k != "y_embedder.y_embedding")
     # diffusers + PEFT on the same base: the same DiT output as our model with its adapters, unmerged and merged
-    sigma.save_diffusers(base, tmp_path / "diffusers")
+    weights.save_diffusers(base, tmp_path / "diffusers")
     ref = PeftModel.from_pretrained(PixArtTransformer2DModel.from_pretrained(tmp_path / "diffusers"), str(step)).eval()
     cfg = model.config
     x, t, y, mask = inputs(cfg, H=16, W=16)
@@ -163,7 +164,7 @@ def test_train_lora_loads_in_peft_and_samples(tmp_path, base, capsys):
     with torch.no_grad():
         assert not close(base.eval()(x, t, y, mask), expected)  # it trained
         assert close(model.eval()(x, t, y, mask), expected)
-        merged = lora.merge(sigma.load_checkpoint(str(tmp_path / "base" / "model.safetensors")), [lora.read(str(run))])
+        merged = lora.merge(weights.load_checkpoint(str(tmp_path / "base" / "model.safetensors")), [lora.read(str(run))])
         assert close(merged(x, t, y, mask), expected)
     # sample.py --model <LoRA run> = its recorded base + the adapter; = --model BASE --lora STEP; != the base alone
     prompt, out = "a red circle on a blue background", tmp_path / "out"
@@ -191,7 +192,7 @@ def test_lora_resume_continues_exactly(tmp_path, base):
 
 
 def test_step_zero_is_the_base_model():
-    model = sigma.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
+    model = weights.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
     x, t, y, mask = inputs(TINY)
     with torch.no_grad():
         before = model(x, t, y, mask)
@@ -221,7 +222,7 @@ def test_sample_refuses_a_lora_that_does_not_fit(tmp_path, capsys):
     # a LoRA for a wider model: one line naming the first keys that do not fit
     wide = dict(TINY.__dict__, hidden_size=128)
     peft_lora(diffusers_model(sigma.SigmaConfig(**wide)), tmp_path / "wide", target_modules=["to_q"])
-    sigma.save_checkpoint(sigma.PixArtSigma(TINY), str(tmp_path / "tiny.safetensors"))
+    weights.save_checkpoint(sigma.PixArtSigma(TINY), str(tmp_path / "tiny.safetensors"))
     hub.save_run_settings(str(tmp_path), quickstart.components(str(tmp_path)), 4.0)  # no T5 or VAE is needed: the LoRA fails first
     assert sample.main(["a cat", "--model", str(tmp_path / "tiny.safetensors"), "--lora", str(tmp_path / "wide")]) == 2
     err = capsys.readouterr().err.strip()

@@ -24,8 +24,7 @@ import hub
 import sample
 import sigma
 import sizes
-import t5 as t5lib
-import vae as vaelib
+import weights
 from tokenizer import Tokenizer
 from official import official_layout
 
@@ -84,10 +83,10 @@ def diffusers_pipeline(root):
 
 
 def ours(root, prompt, size, seed, steps=5, binning=True, negative="", output_type="pil"):
-    model = sigma.load_checkpoint(f"{root}/transformer")
-    t5model = t5lib.load_t5(f"{root}/text_encoder", dtype=torch.float32)
+    model = weights.load_checkpoint(f"{root}/transformer")
+    t5model = weights.load_t5(f"{root}/text_encoder", dtype=torch.float32)
     return sample.generate([prompt], model, t5model, Tokenizer(f"{root}/tokenizer/spiece.model"),
-                           vaelib.load_vae(f"{root}/vae"), negative=negative, size=size, steps=steps, seed=seed,
+                           weights.load_vae(f"{root}/vae"), negative=negative, size=size, steps=steps, seed=seed,
                            binning=binning, progress=False, output_type=output_type)[0]
 
 
@@ -188,17 +187,17 @@ def test_t5_is_freed_before_the_dit_is_loaded(components):
 
     def load_t5():
         events.append("t5")
-        model = t5lib.load_t5(f"{components}/text_encoder", dtype=torch.float32)
+        model = weights.load_t5(f"{components}/text_encoder", dtype=torch.float32)
         t5_ref.append(weakref.ref(model))
         return model
 
     def load_dit():
         events.append(("dit", t5_ref[0]() is None))
-        return sigma.load_checkpoint(f"{components}/transformer")
+        return weights.load_checkpoint(f"{components}/transformer")
 
     def load_vae():
         events.append("vae")
-        return vaelib.load_vae(f"{components}/vae")
+        return weights.load_vae(f"{components}/vae")
 
     images = sample.generate(["a cat", "a dog"], load_dit, load_t5, Tokenizer(f"{components}/tokenizer"), load_vae,
                              size=(128, 128), steps=1, n=2, progress=False)
@@ -211,12 +210,12 @@ def test_batches_never_change_an_image(components, sampler, one_thread):
     """3 prompts × n=2 in batches of 4 (then a last one of 2), each batch one DiT forward with CFG: every image
     within 1/255 of the same image sampled alone (its own seed's noise, and for the ancestral sampler its own
     generator for the noise of every step)."""
-    model = sigma.load_checkpoint(f"{components}/transformer")
-    t5model, tok = t5lib.load_t5(f"{components}/text_encoder", dtype=torch.float32), Tokenizer(f"{components}/tokenizer")
+    model = weights.load_checkpoint(f"{components}/transformer")
+    t5model, tok = weights.load_t5(f"{components}/text_encoder", dtype=torch.float32), Tokenizer(f"{components}/tokenizer")
     rows = []
     model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     run = lambda b: np.stack([np.asarray(im, dtype=np.int16) for im in sample.generate(
-        ["a cat", "a red fox in snow", "a lighthouse at dawn"], model, t5model, tok, vaelib.load_vae(f"{components}/vae"),
+        ["a cat", "a red fox in snow", "a lighthouse at dawn"], model, t5model, tok, weights.load_vae(f"{components}/vae"),
         size=(128, 128), steps=3, n=2, seed=5, sampler=sampler, batch_size=b, progress=False)])
     alone, batched = run(1), run(4)
     assert rows == [2] * 3 * 6 + [8] * 3 + [4] * 3  # (null + caption) × images per forward, 3 steps per batch
@@ -282,11 +281,11 @@ def test_official_pth_and_own_checkpoint_give_the_same_images(components, tmp_pa
     # the released files carry the null caption and the training grid's position table (16² tokens at 256²)
     sd = official_layout(theirs, torch.randn(300, 32), torch.zeros(1, 16 * 16, 144))
     torch.save({"state_dict": sd}, tmp_path / "PixArt-Sigma-tiny.pth")
-    sigma.save_checkpoint(sigma.load_checkpoint(f"{components}/transformer"), tmp_path / "ours.safetensors")
+    weights.save_checkpoint(weights.load_checkpoint(f"{components}/transformer"), tmp_path / "ours.safetensors")
     images = []
-    for i, weights in enumerate([f"{components}/transformer", tmp_path / "PixArt-Sigma-tiny.pth", tmp_path / "ours.safetensors"]):
+    for i, model in enumerate([f"{components}/transformer", tmp_path / "PixArt-Sigma-tiny.pth", tmp_path / "ours.safetensors"]):
         out = tmp_path / f"out{i}"
-        assert cli(capsys, "a cat on a mat", "--model", weights, "--components", components, "--size", 256,
+        assert cli(capsys, "a cat on a mat", "--model", model, "--components", components, "--size", 256,
                    "--steps", 2, "--seed", 0, "--out", out)[0] == 0
         images.append(pixels(out / "00000-0.png"))
     assert images[0].std() > 10 and np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
@@ -374,10 +373,10 @@ def test_corrupt_checkpoints(components, tmp_path, capsys):
     assert rc == 2 and str(bad) in err
     folder = tmp_path / "transformer"
     shutil.copytree(f"{components}/transformer", folder)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:5000])  # an interrupted download
+    file = folder / "diffusion_pytorch_model.safetensors"
+    file.write_bytes(file.read_bytes()[:5000])  # an interrupted download
     rc, _, err = cli(capsys, "a cat", "--model", folder, "--components", components, "--size", 256)
-    assert rc == 2 and str(weights) in err and "download it again" in err
+    assert rc == 2 and str(file) in err and "download it again" in err
 
 
 def test_long_prompt_warns_and_truncates(components, tmp_path, capsys):

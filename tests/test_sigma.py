@@ -11,7 +11,7 @@ from diffusers import PixArtTransformer2DModel
 
 import hub
 import sigma
-import train
+import weights
 from official import official_layout
 
 TINY = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
@@ -21,7 +21,7 @@ KEYS = os.path.join(os.path.dirname(__file__), "data", "pixart_sigma_xl2_keys.js
 
 def diffusers_model(config, std=0.2):
     """diffusers' model for our config, every tensor random (its zero-inits would hide mistakes)."""
-    kwargs = {k: v for k, v in sigma.diffusers_config(config).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in weights.diffusers_config(config).items() if not k.startswith("_")}
     ref = PixArtTransformer2DModel(**kwargs).eval()
     with torch.no_grad():
         for p in ref.parameters():
@@ -48,7 +48,7 @@ def reference_forward(ref, x, t, y, mask):
 def test_matches_diffusers(pe_interpolation, H, W):
     config = dataclasses.replace(TINY, pe_interpolation=pe_interpolation)
     ref = diffusers_model(config)
-    model = sigma.load_checkpoint(ref.state_dict(), config)
+    model = weights.load_checkpoint(ref.state_dict(), config)
     x, t, y, mask = inputs(config, H=H, W=W)
     with torch.no_grad():
         out = model(x, t, y, mask)
@@ -58,7 +58,7 @@ def test_matches_diffusers(pe_interpolation, H, W):
 
 
 def test_padded_caption_tokens_are_ignored():
-    model = sigma.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
+    model = weights.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
     x, t, y, mask = inputs(TINY)
     y2 = y.clone()
     y2[mask == 0] = torch.randn_like(y2[mask == 0]) * 100  # garbage behind the mask must not matter
@@ -70,7 +70,7 @@ def test_padded_caption_tokens_are_ignored():
 def test_matches_diffusers_full_xl2():
     config = sigma.CONFIGS["1024"]
     ref = diffusers_model(config, std=0.02)
-    model = sigma.load_checkpoint(ref.state_dict(), config)
+    model = weights.load_checkpoint(ref.state_dict(), config)
     assert sum(p.numel() for p in model.parameters()) == 610_856_096  # the released XL/2 checkpoints' count
     x, t, y, mask = inputs(config, N=2, H=8, W=12, lengths=(7, 120))
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_official_layout_is_the_released_one():
     gives exactly the released key list and shapes; and sigma's modules carry exactly those names and shapes."""
     spec = json.load(open(KEYS))
     with torch.device("meta"):  # shapes only: no memory, no init work
-        ref = PixArtTransformer2DModel(**{k: v for k, v in sigma.diffusers_config(sigma.CONFIGS["1024"]).items()
+        ref = PixArtTransformer2DModel(**{k: v for k, v in weights.diffusers_config(sigma.CONFIGS["1024"]).items()
                                           if not k.startswith("_")})
         model = sigma.PixArtSigma(dataclasses.replace(sigma.CONFIGS["1024"], kv_compress_layers=range(14, 28)))
     official = official_layout(ref.state_dict(), torch.empty(300, 4096, device="meta"),
@@ -107,7 +107,7 @@ def test_official_pth_matches_diffusers(tmp_path):
     y_embedding = torch.randn(300, config.caption_channels)
     sd = official_layout(ref.state_dict(), y_embedding, torch.zeros(1, 16 * 16, 144))  # pos_embed: 16² tokens
     torch.save({"state_dict": sd}, tmp_path / "PixArt-Sigma-tiny.pth")
-    model = sigma.load_checkpoint(tmp_path / "PixArt-Sigma-tiny.pth")
+    model = weights.load_checkpoint(tmp_path / "PixArt-Sigma-tiny.pth")
     assert model.config == config and torch.equal(model.y_embedder.y_embedding, y_embedding)
     x, t, y, mask = inputs(config)
     with torch.no_grad():
@@ -120,10 +120,10 @@ def test_official_pth_matches_diffusers(tmp_path):
 def test_ddp_and_compile_prefixes_are_stripped(prefix, tmp_path):
     # DDP saves 'module.x', torch.compile '_orig_mod.x'; train.py's compile(DDP(model)) '_orig_mod.module.x'
     ref = diffusers_model(TINY)
-    model = sigma.load_checkpoint(ref.state_dict(), TINY)
+    model = weights.load_checkpoint(ref.state_dict(), TINY)
     torch.save({"state_dict": {prefix + k: v for k, v in model.state_dict().items()}}, tmp_path / "wrapped.pth")
     for src in (tmp_path / "wrapped.pth", {prefix + k: v for k, v in ref.state_dict().items()}):  # ours, diffusers'
-        loaded = sigma.load_checkpoint(src, TINY).state_dict()
+        loaded = weights.load_checkpoint(src, TINY).state_dict()
         assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
 
@@ -144,12 +144,12 @@ def test_official_layout_loads(official_state_dict, tmp_path):
     assert len(plain) == spec["num_keys_without_kv"]
     path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.pth"
     torch.save({"state_dict": plain}, path)  # the released files: a dict with "state_dict"
-    model = sigma.load_checkpoint(path)
+    model = weights.load_checkpoint(path)
     assert model.config == sigma.CONFIGS["1024"]  # depth, width, training size and pe scale all inferred
     assert torch.equal(model.y_embedder.y_embedding, plain["y_embedder.y_embedding"])
     assert sum(p.numel() for p in model.parameters()) == spec["num_parameters_without_kv"]
 
-    model = sigma.load_checkpoint(sd)  # with KV-compressed layers 14..27
+    model = weights.load_checkpoint(sd)  # with KV-compressed layers 14..27
     assert model.config.kv_compress_layers == tuple(range(14, 28)) and model.config.kv_compress_mode == "conv"
     assert sum(p.numel() for p in model.parameters()) == spec["num_parameters_with_kv"]
     assert torch.equal(model.blocks[20].attn.sr.weight, sd["blocks.20.attn.sr.weight"])
@@ -166,7 +166,7 @@ def test_official_layout_errors_are_readable(official_state_dict):
     bad["blocks.3.attn.extra"] = torch.zeros(1)
     del bad["blocks.5.cross_attn.proj.bias"]
     with pytest.raises(ValueError) as e:
-        sigma.load_checkpoint(bad, sigma.CONFIGS["1024"])
+        weights.load_checkpoint(bad, sigma.CONFIGS["1024"])
     msg = str(e.value)
     assert "blocks.3.mlp.fc1.weight: checkpoint (10, 1152) vs model (4608, 1152)" in msg
     assert "unexpected keys: blocks.3.attn.extra" in msg
@@ -174,8 +174,8 @@ def test_official_layout_errors_are_readable(official_state_dict):
 
 
 def test_adding_kv_compression_to_a_plain_checkpoint(capsys):
-    plain = sigma.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
-    kv = sigma.load_checkpoint(plain.state_dict(), dataclasses.replace(TINY, kv_compress_layers=(1,)))
+    plain = weights.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
+    kv = weights.load_checkpoint(plain.state_dict(), dataclasses.replace(TINY, kv_compress_layers=(1,)))
     assert "KV compression added to blocks [1]" in capsys.readouterr().err
     assert torch.all(kv.blocks[1].attn.sr.weight == 0.25) and torch.all(kv.blocks[1].attn.sr.bias == 0)
     assert torch.all(kv.blocks[1].attn.norm.weight == 1) and torch.all(kv.blocks[1].attn.norm.bias == 0)
@@ -185,19 +185,19 @@ def test_added_tensors_live_beside_the_checkpoint():
     """A state dict on another device (a GPU's; meta here) gives a model wholly on that device: the KV layers and
     the null caption that loading adds too (tests/gpu_check.py found them left on the CPU)."""
     sd = {k: v.to("meta") for k, v in diffusers_model(TINY).state_dict().items()}
-    kv = sigma.load_checkpoint(sd, dataclasses.replace(TINY, kv_compress_layers=(1,)))
+    kv = weights.load_checkpoint(sd, dataclasses.replace(TINY, kv_compress_layers=(1,)))
     assert {v.device.type for v in kv.state_dict().values()} == {"meta"}
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        sigma.load_checkpoint(tmp_path / "nope.pth")
+        weights.load_checkpoint(tmp_path / "nope.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="could not read"):
-        sigma.load_checkpoint(corrupt)
+        weights.load_checkpoint(corrupt)
     with pytest.raises(ValueError, match="not a PixArt checkpoint"):
-        sigma.load_checkpoint({"foo.weight": torch.zeros(1)})
+        weights.load_checkpoint({"foo.weight": torch.zeros(1)})
     model = sigma.PixArtSigma(TINY)
     with pytest.raises(ValueError, match="multiples of the patch size"):
         model(torch.randn(1, 4, 7, 8), torch.tensor([1]), torch.randn(1, 16, 32), torch.ones(1, 16))
@@ -220,31 +220,31 @@ def test_pickled_code_is_never_executed(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "pwned"
     torch.save({"state_dict": {"x": Payload(marker)}}, path)
     with pytest.raises(ValueError, match="weights only"):
-        sigma.load_checkpoint(path)
+        weights.load_checkpoint(path)
     assert not marker.exists()
 
 
 # -- our formats ---------------------------------------------------------------------------------
 
 def test_save_diffusers_loads_in_diffusers(tmp_path):
-    model = sigma.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
-    sigma.save_diffusers(model, tmp_path / "transformer")
+    model = weights.load_checkpoint(diffusers_model(TINY).state_dict(), TINY)
+    weights.save_diffusers(model, tmp_path / "transformer")
     ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
     x, t, y, mask = inputs(TINY)
     expected = reference_forward(ref, x, t, y, mask)
     with torch.no_grad():
         assert (model(x, t, y, mask) - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
-    again = sigma.load_checkpoint(tmp_path / "transformer")  # and back, config from config.json
+    again = weights.load_checkpoint(tmp_path / "transformer")  # and back, config from config.json
     assert again.config == dataclasses.replace(TINY, caption_tokens=300)  # diffusers doesn't record the length
     with pytest.raises(ValueError, match="no KV compression"):
-        sigma.save_diffusers(sigma.PixArtSigma(dataclasses.replace(TINY, kv_compress_layers=(1,))), tmp_path / "kv")
+        weights.save_diffusers(sigma.PixArtSigma(dataclasses.replace(TINY, kv_compress_layers=(1,))), tmp_path / "kv")
 
 
 def test_own_checkpoint_carries_its_config(tmp_path):
     config = dataclasses.replace(TINY, kv_compress_layers=(1,), pe_interpolation=0.5)
     model = sigma.PixArtSigma(config)
-    sigma.save_checkpoint(model, tmp_path / "ours.safetensors")
-    again = sigma.load_checkpoint(tmp_path / "ours.safetensors")
+    weights.save_checkpoint(model, tmp_path / "ours.safetensors")
+    again = weights.load_checkpoint(tmp_path / "ours.safetensors")
     assert again.config == config
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
@@ -347,7 +347,7 @@ def test_kv_model_compresses_exactly_the_configured_blocks(mode):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)  # random everywhere: the zero-inits would hide the attention
-    plain = sigma.load_checkpoint({k: v for k, v in model.state_dict().items() if ".attn.sr." not in k
+    plain = weights.load_checkpoint({k: v for k, v in model.state_dict().items() if ".attn.sr." not in k
                                    and ".attn.norm." not in k}, TINY)
     x, t, y, mask = inputs(config, H=8, W=12)
     with torch.no_grad():
@@ -361,7 +361,18 @@ def test_default_kv_layers_are_the_official_deep_half():
     official = tuple(json.load(open(KEYS))["config"]["kv_compress_config"]["kv_compress_layer"])  # 14..27
     assert sigma.KV_DEEP_HALF == official
     assert hub.parse_kv_compress("avgpool", 28) == ("avgpool", official)  # sample.py --kv-compress MODE
-    assert train.parse_layers("deep", 28) == official  # train.py --kv-compress-layers deep
+    assert hub.parse_layers("deep", 28) == official  # train.py --kv-compress-layers deep
+
+
+def test_one_grammar_for_a_list_of_blocks():
+    # sample.py's --kv-compress MODE:LAYERS and train.py's --kv-compress-layers read their lists alike
+    assert hub.parse_layers("0,1,20-22", 28) == (0, 1, 20, 21, 22) == hub.parse_kv_compress("conv:20-22,0,1", 28)[1]
+    assert hub.parse_kv_compress("uniform:deep", 8) == ("uniform", (4, 5, 6, 7)) == hub.parse_kv_compress("uniform", 8)
+    assert hub.parse_layers("deep") is None and hub.parse_layers("3,5") == (3, 5)  # depth not known yet: syntax only
+    with pytest.raises(ValueError, match="--kv-compress-layers '14-': give 'deep', a range such as 14-27"):
+        hub.parse_layers("14-", 28)
+    with pytest.raises(ValueError, match="--kv-compress-layers '27-28': the model has blocks 0-27, not 28"):
+        hub.parse_layers("27-28", 28)
 
 
 # -- training-side switches ------------------------------------------------------------------------
@@ -392,8 +403,8 @@ def test_position_embedding_matches_diffusers():
 
 
 def test_truncated_safetensors_is_reported(tmp_path):
-    sigma.save_checkpoint(sigma.PixArtSigma(TINY), tmp_path / "ok.safetensors")
+    weights.save_checkpoint(sigma.PixArtSigma(TINY), tmp_path / "ok.safetensors")
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="could not read .*cut.safetensors as safetensors"):
-        sigma.load_checkpoint(tmp_path / "cut.safetensors")
+        weights.load_checkpoint(tmp_path / "cut.safetensors")

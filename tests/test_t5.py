@@ -14,6 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import t5
 import tokenizer
+import weights
 
 TINY = dict(vocab_size=512, d_model=64, d_ff=96, num_heads=4, d_kv=16, num_layers=3)
 
@@ -285,7 +286,7 @@ def released(tmp_path):
 def test_load_sharded_folder_into_bf16(released, tied_copy):
     ref, sd, tmp = released
     folder = write_text_encoder(str(tmp / "text_encoder"), sd, ref.config, tied_copy=tied_copy)
-    model = t5.load_t5(folder, dtype=torch.bfloat16)
+    model = weights.load_t5(folder, dtype=torch.bfloat16)
     assert model.config == t5.T5Config(**SMALL)
     got = model.state_dict()
     for k, v in got.items():  # every tensor present, converted to bf16 exactly as torch rounds it
@@ -293,7 +294,7 @@ def test_load_sharded_folder_into_bf16(released, tied_copy):
     ids, mask = padded_batch(SMALL["vocab_size"], [300, 90])
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
-        fp32 = t5.load_t5(folder, dtype=torch.float32)(ids, mask)
+        fp32 = weights.load_t5(folder, dtype=torch.float32)(ids, mask)
         bf16 = model(ids, mask).float()
     assert (fp32 - want)[mask.bool()].abs().max() <= 1e-5
     assert (bf16 - want)[mask.bool()].norm() / want[mask.bool()].norm() < 3e-2
@@ -303,7 +304,7 @@ def test_load_folder_saved_by_transformers(released):
     ref, sd, tmp = released
     ref.save_pretrained(str(tmp / "saved"), max_shard_size="40KB")  # its own index + shards + config.json
     assert len([f for f in os.listdir(tmp / "saved") if f.endswith(".safetensors")]) >= 2
-    model = t5.load_t5(str(tmp / "saved"), dtype=torch.float32)
+    model = weights.load_t5(str(tmp / "saved"), dtype=torch.float32)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
@@ -313,7 +314,7 @@ def test_load_single_file(released):
     decoder = {"decoder.final_layer_norm.weight": torch.ones(32), "lm_head.weight": torch.zeros(128, 32)}
     save_file(sd | decoder, str(tmp / "t5.safetensors"))  # a whole T5 file: the decoder is ignored
     ref.config.to_json_file(str(tmp / "config.json"))
-    model = t5.load_t5(str(tmp / "t5.safetensors"), dtype=torch.float32)
+    model = weights.load_t5(str(tmp / "t5.safetensors"), dtype=torch.float32)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
@@ -322,7 +323,7 @@ def test_load_reports_missing_shard(released):
     folder = write_text_encoder(str(tmp / "te"), sd, ref.config)
     os.remove(os.path.join(folder, SHARDS[1]))
     with pytest.raises(FileNotFoundError, match=f"expects shard {SHARDS[1]}.*does not exist"):
-        t5.load_t5(folder)
+        weights.load_t5(folder)
 
 
 def test_load_reports_missing_unexpected_and_misshaped_keys(released):
@@ -331,14 +332,14 @@ def test_load_reports_missing_unexpected_and_misshaped_keys(released):
     folder = write_text_encoder(str(tmp / "a"), sd, ref.config, drop=[gone],
                                 extra={"encoder.block.0.layer.0.SelfAttention.q.bias": torch.zeros(32)})
     with pytest.raises(ValueError) as err:
-        t5.load_t5(folder)
-    assert f"missing key {gone} (32,)" in str(err.value)
-    assert "unexpected key encoder.block.0.layer.0.SelfAttention.q.bias" in str(err.value)
+        weights.load_t5(folder)
+    assert f"missing keys: {gone} (32,)" in str(err.value)
+    assert "unexpected keys: encoder.block.0.layer.0.SelfAttention.q.bias" in str(err.value)
     config = HFConfig(feed_forward_proj="gated-gelu", **(SMALL | {"d_ff": 64}))  # config.json disagrees with the weights
     folder = write_text_encoder(str(tmp / "b"), sd, config)
-    with pytest.raises(ValueError, match=r"DenseReluDense.wi_0.weight: F32 \(48, 32\) in the file, model expects \(64, 32\)"):
-        t5.load_t5(folder)
+    with pytest.raises(ValueError, match=r"DenseReluDense.wi_0.weight: checkpoint \(48, 32\) vs model \(64, 32\)"):
+        weights.load_t5(folder)
     with pytest.raises(ValueError, match="overflow float16"):
-        t5.load_t5(folder, dtype=torch.float16)
+        weights.load_t5(folder, dtype=torch.float16)
     with pytest.raises(FileNotFoundError, match="expected a .safetensors file or a folder"):
-        t5.load_t5(str(tmp / "nowhere"))
+        weights.load_t5(str(tmp / "nowhere"))

@@ -20,6 +20,7 @@ import sigma
 import t5
 import tokenizer
 import train
+import weights
 from came import CAME
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -40,7 +41,7 @@ def tiny(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def weights(model):
+def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -196,7 +197,7 @@ def test_quickstart_loss_goes_down(tmp_path, tiny):
     assert Image.open(tmp_path / "step_0000060" / "preview.png").size == (4 * 128, 4 * 128)  # 4 prompts × 4 seeds
     first, last = np.mean([r["loss"] for r in log[:10]]), np.mean([r["loss"] for r in log[-10:]])
     assert len(log) == 60 and last < 0.75 * first, (first, last)
-    model = sigma.load_checkpoint(str(tmp_path / "step_0000060" / "model.safetensors"))  # sample.py-loadable
+    model = weights.load_checkpoint(str(tmp_path / "step_0000060" / "model.safetensors"))  # sample.py-loadable
     assert model.config.in_channels == 3 and model.config.sample_size == 16
 
 
@@ -214,7 +215,7 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     png = Image.open(tmp_path / "out" / "00000-7.png")
     assert png.size == (16, 16) and png.text["parameters"].startswith(prompt + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
     assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
-    model = sigma.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
+    model = weights.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
     args = train.parse_args(run_args(run), quickstart.DEFAULTS, need_data=False)
     encode_captions, decode = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))[1:]
     y, mask = encode_captions([prompt])
@@ -244,9 +245,9 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_continues_exactly(tmp_path, tiny, grad_accum):
     accum = ("--grad-accum", grad_accum)  # 2: the data stream restarts at micro-batch step × 2
-    straight = weights(quickstart.train(run_args(tmp_path / "a", "--steps", 5, "--ema", 0.9, *accum)))
+    straight = snapshot(quickstart.train(run_args(tmp_path / "a", "--steps", 5, "--ema", 0.9, *accum)))
     quickstart.train(run_args(tmp_path / "b", "--steps", 3, "--ema", 0.9, *accum))
-    resumed = weights(quickstart.train(run_args(tmp_path / "b", "--steps", 5, "--ema", 0.9, "--resume", *accum)))
+    resumed = snapshot(quickstart.train(run_args(tmp_path / "b", "--steps", 5, "--ema", 0.9, "--resume", *accum)))
     assert max_diff(straight, resumed) == 0.0
     ema_a, ema_b = (load_file(str(tmp_path / r / "step_0000005" / "ema.safetensors")) for r in "ab")
     assert max_diff(ema_a, ema_b) == 0.0 and max_diff(ema_a, straight) > 1e-4  # EMA state resumed too
@@ -281,7 +282,7 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path, tiny, capsys):
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
     quickstart.train(run_args(tmp_path, "--steps", 2, "--save-every", 2))
-    good = weights(sigma.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
+    good = snapshot(weights.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
 
     def broken_save(obj, path):  # dies half-way through writing the trainer state
         open(path, "wb").write(b"half a file")
@@ -292,8 +293,8 @@ def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
         quickstart.train(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
     monkeypatch.undo()
     assert open(tmp_path / "latest").read() == "step_0000002"
-    latest = train.latest_checkpoint(str(tmp_path))
-    assert max_diff(good, weights(sigma.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
+    latest = weights.latest_checkpoint(str(tmp_path))
+    assert max_diff(good, snapshot(weights.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
     assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
     quickstart.train(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
     assert open(tmp_path / "latest").read() == "step_0000003"
@@ -312,11 +313,10 @@ class CrashAt:
 
     def __init__(self, monkeypatch, n=None):
         import builtins
-        import safetensors.torch
         self.n, self.calls = n, []
         wrap = lambda name, fn, torn: lambda *a, **k: self.step(name, fn, torn, *a, **k)
         for module, name, torn in [(os, "replace", None), (os, "makedirs", None), (shutil, "rmtree", "rmtree"),
-                                   (torch, "save", 1), (safetensors.torch, "save_file", 1)]:
+                                   (torch, "save", 1), (weights, "save_file", 1)]:  # weights.py writes the safetensors
             monkeypatch.setattr(module, name, wrap(name, getattr(module, name), torn))
         monkeypatch.setattr(train, "open", wrap("open", builtins.open, 0), raising=False)  # train.py's own writes
 
@@ -349,11 +349,11 @@ def test_save_state_crash_at_every_filesystem_step_keeps_latest_loadable(tmp_pat
         return train.save_state(str(out), step, models[step], models[step], opt, dict(global_batch=1), keep=1)
 
     def check_latest(out):
-        latest = train.latest_checkpoint(str(out))
+        latest = weights.latest_checkpoint(str(out))
         step = int(os.path.basename(latest).split("_")[1])
         for name in ("model", "ema"):
-            loaded = sigma.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
-            assert max_diff(loaded, weights(models[step])) == 0, (latest, name)
+            loaded = weights.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
+            assert max_diff(loaded, snapshot(models[step])) == 0, (latest, name)
         assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == step
         return step
 
@@ -389,9 +389,9 @@ def test_kill_9_never_corrupts_latest(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    latest = train.latest_checkpoint(str(tmp_path))
+    latest = weights.latest_checkpoint(str(tmp_path))
     assert latest is not None
-    model = sigma.load_checkpoint(os.path.join(latest, "model.safetensors"))
+    model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
     assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
 
@@ -418,10 +418,10 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert max_diff(r0, r1) == 0.0  # identical on both ranks
-    single = weights(quickstart.train(run_args(tmp_path / "one", "--batch-size", 4, *common)))
+    single = snapshot(quickstart.train(run_args(tmp_path / "one", "--batch-size", 4, *common)))
     args = train.parse_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
     torch.manual_seed(args.seed)  # as train.main before it builds the model
-    init = weights(train.build_model(args, torch.device("cpu"), sigma.SigmaConfig(**quickstart.DIT)))
+    init = snapshot(train.build_model(args, torch.device("cpu"), sigma.SigmaConfig(**quickstart.DIT)))
     assert max_diff(single, init) > 1e-3  # it trained
     D, key_bias = TINY_DIT["hidden_size"], []
     diff = {k: (r0[k] - single[k]).abs() for k in r0}
@@ -455,14 +455,14 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
     save_file(vae.AutoencoderKL(cfg).state_dict(), str(comps / "vae" / "diffusion_pytorch_model.safetensors"))
     dit = sigma.SigmaConfig(depth=2, hidden_size=32, num_heads=2, caption_channels=64, caption_tokens=16,
                             sample_size=32, pe_interpolation=0.5)
-    sigma.save_checkpoint(sigma.PixArtSigma(dit), str(tmp_path / "init.safetensors"))
+    weights.save_checkpoint(sigma.PixArtSigma(dit), str(tmp_path / "init.safetensors"))
     common = ["--data", str(images), "--components", str(comps), "--init", str(tmp_path / "init.safetensors"),
               "--image-size", "256", "--caption-tokens", "16", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
               "--no-lr-scaling", "--warmup", "1", "--log-every", "1", "--workers", "0", "--caption-dropout", "0.3"]
-    fly = weights(train.main(common + ["--out", str(tmp_path / "fly")]))
-    cached = weights(train.main(common + ["--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]))
+    fly = snapshot(train.main(common + ["--out", str(tmp_path / "fly")]))
+    cached = snapshot(train.main(common + ["--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]))
     stamp = os.path.getmtime(tmp_path / "cache" / "index.json")
-    again = weights(train.main(common + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]))
+    again = snapshot(train.main(common + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]))
     assert os.path.getmtime(tmp_path / "cache" / "index.json") == stamp  # reused, not rebuilt
     assert max_diff(fly, cached) < 1e-5 and max_diff(cached, again) == 0
     # what train.py hands the fingerprint: a caption, the VAE, the T5 (components) and the caption length,
@@ -477,7 +477,7 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
         train.main(common + ["--out", str(tmp_path / f"rebuilt{i}"), "--cache", str(tmp_path / "cache"), *flags])
         assert json.load(open(tmp_path / "cache" / "index.json"))["fingerprint"] != fp, change
     log = [json.loads(line) for line in open(tmp_path / "cached" / "log.jsonl")]
-    assert log[-1]["skipped_images"] == 1 and max_diff(fly, weights(sigma.PixArtSigma(dit))) > 1e-4
+    assert log[-1]["skipped_images"] == 1 and max_diff(fly, snapshot(sigma.PixArtSigma(dit))) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- weak-to-strong stages
@@ -503,7 +503,7 @@ def test_stage_higher_resolution_recomputes_positions(tmp_path):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
     cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
                             sample_size=16, pe_interpolation=1.0)
-    sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
+    weights.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
     args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
                              "--caption-tokens", "16", "--pe-interpolation", "2"])
     model = train.build_model(args, torch.device("cpu"))
@@ -511,7 +511,7 @@ def test_stage_higher_resolution_recomputes_positions(tmp_path):
     pos = model.pos_embed(16, 16, "cpu", torch.float64)  # the 32-latent grid: 16×16 tokens
     ref = get_2d_sincos_pos_embed(64, (16, 16), base_size=16, interpolation_scale=2.0, output_type="pt")
     torch.testing.assert_close(pos.float(), ref.float().reshape(256, 64), rtol=0, atol=1e-5)
-    low = sigma.load_checkpoint(str(tmp_path / "low.safetensors")).pos_embed(8, 8, "cpu", torch.float64)
+    low = weights.load_checkpoint(str(tmp_path / "low.safetensors")).pos_embed(8, 8, "cpu", torch.float64)
     torch.testing.assert_close(pos.view(16, 16, 64)[::2, ::2].reshape(64, 64), low)  # same span [0, 8)
 
 
@@ -521,20 +521,33 @@ def test_stage_higher_resolution_keeps_the_position_span(tmp_path):
     for pixels, base_pe, factor, size, expected in [(16, 1.0, 1, 32, 2.0), (512, 1.0, 8, 1024, 2.0), (256, 0.5, 8, 2048, 4.0)]:
         cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=16, caption_tokens=4,
                                 sample_size=pixels // factor, pe_interpolation=base_pe)
-        sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
+        weights.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
         args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
                                  "--caption-tokens", "4"], dict(vae_factor=factor))
         model = train.build_model(args, torch.device("cpu"))
         assert (model.config.sample_size, model.config.pe_interpolation) == (size // factor, expected)
 
 
-def test_the_product_never_imports_the_demo():
+def imports(name):
+    """The top-level names a file of the repository imports, anywhere in it (inside functions too)."""
     import ast
-    for name in ("sample", "train", "hub", "sigma", "diffusion", "vae", "t5", "sizes", "data", "came"):
-        tree = ast.parse(open(os.path.join(REPO, name + ".py")).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
-        assert "quickstart" not in imported, f"{name}.py imports quickstart.py"
+    tree = ast.parse(open(os.path.join(REPO, name + ".py")).read())
+    return {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
+
+
+def test_the_product_never_imports_the_demo():
+    for name in ("sample", "train", "export", "hub", "weights", "lora", "sigma", "diffusion", "vae", "t5", "tokenizer",
+                 "sizes", "data", "came", "cli"):
+        assert "quickstart" not in imports(name), f"{name}.py imports quickstart.py"
+
+
+def test_the_model_files_import_no_file_io_and_no_cli():
+    """The dependency runs CLIs -> weights.py / hub.py -> models: a model file reads no file and parses no flag."""
+    for name in ("sigma", "t5", "vae", "diffusion"):
+        found = imports(name) & {"weights", "hub", "cli", "sample", "train", "export", "lora", "data", "quickstart",
+                                 "safetensors", "huggingface_hub"}
+        assert not found, f"{name}.py imports {sorted(found)}"
 
 
 def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
@@ -597,7 +610,7 @@ def test_quickstart_t5_tells_a_words_place(tmp_path):
     tok = tokenizer.Tokenizer(comps["tokenizer"], max_length=16)
     prompts = ["a red circle on a blue background", "a blue circle on a red background"]
     cos = lambda y: torch.nn.functional.cosine_similarity(y[0, 1], y[1, 5], dim=0).item()  # "red" at 1 and at 5
-    y, _ = t5.encode(t5.load_t5(comps["text_encoder"], dtype=torch.float32), tok, prompts)
+    y, _ = t5.encode(weights.load_t5(comps["text_encoder"], dtype=torch.float32), tok, prompts)
     torch.manual_seed(0)
     plain = t5.T5Encoder(t5.T5Config(vocab_size=tok.sp.get_piece_size(), **quickstart.T5))
     y_plain, _ = t5.encode(plain, tok, prompts)

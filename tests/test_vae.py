@@ -10,6 +10,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
 import vae
+import weights
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 THREE = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=32)  # up-block reversal matters
@@ -34,7 +35,7 @@ def reference(scaling_factor=0.5, **config):
 def ours(ref, tmp_path, **kw):
     """Ours through the diffusers folder layout (config.json + safetensors): the identity load."""
     ref.save_pretrained(tmp_path / "vae")
-    return vae.load_vae(str(tmp_path / "vae"), **kw)
+    return weights.load_vae(str(tmp_path / "vae"), **kw)
 
 
 def rel(a, b):
@@ -102,7 +103,7 @@ def test_single_file_and_old_attention_layouts_load_the_same_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
     for path, kw in [(tmp_path / "ldm_vae.safetensors", dict(config=config)),
                      (tmp_path / "sd_checkpoint.safetensors", dict(config=config)), (tmp_path, {})]:
-        loaded = vae.load_vae(str(path), **kw).state_dict()
+        loaded = weights.load_vae(str(path), **kw).state_dict()
         assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd), path
 
 
@@ -161,7 +162,7 @@ def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand_bf16_runs(tmp_path):
         assert rel(out.float(), ref.decode(latents.half().float() / 0.5).sample) <= 1e-3
         with pytest.raises(ValueError, match="float16"):
             model.half().decode(latents.half())
-        bf16 = vae.load_vae(str(tmp_path / "vae"), dtype=torch.bfloat16)  # no warning: bf16 does not overflow
+        bf16 = weights.load_vae(str(tmp_path / "vae"), dtype=torch.bfloat16)  # no warning: bf16 does not overflow
         assert bf16.quant_conv.weight.dtype == torch.bfloat16
         assert rel(bf16.decode(latents), ref.decode(latents / 0.5).sample) <= 0.05
     assert vae.SD.force_upcast is False and vae.SD.scaling_factor == 0.18215 and vae.SDXL.scaling_factor == 0.13025
@@ -169,19 +170,19 @@ def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand_bf16_runs(tmp_path):
 
 def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no VAE weights"):
-        vae.load_vae(str(tmp_path / "nothing"))
+        weights.load_vae(str(tmp_path / "nothing"))
     ref = reference(**SMALL)
     sd = ref.state_dict()
     del sd["decoder.conv_out.bias"]
     save_file(sd, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="decoder.conv_out.bias"):
-        vae.load_vae(str(tmp_path / "broken.safetensors"), config=vae.VAEConfig(**SMALL))
+        weights.load_vae(str(tmp_path / "broken.safetensors"), config=vae.VAEConfig(**SMALL))
     with pytest.raises(ValueError, match="shape mismatches"):
         save_file(ref.state_dict(), tmp_path / "small.safetensors")
-        vae.load_vae(str(tmp_path / "small.safetensors"))  # SDXL config by default
+        weights.load_vae(str(tmp_path / "small.safetensors"))  # SDXL config by default
     ref.register_to_config(act_fn="relu")
     ref.save_pretrained(tmp_path / "relu")
     with pytest.raises(ValueError, match="act_fn"):
-        vae.load_vae(str(tmp_path / "relu"))
+        weights.load_vae(str(tmp_path / "relu"))
     with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
         vae.AutoencoderKL(vae.VAEConfig(**SMALL)).decode(torch.randn(1, 3, 8, 8))

@@ -10,13 +10,13 @@ import hub
 import quickstart
 import sigma
 import train
-import vae as vae_lib
+import weights
 
 
 def test_tiny_vae_loads_with_unit_latents(tmp_path, one_thread):
-    # diffusers' layout, read by vae.load_vae; scaling_factor makes the latents of images it never measured ~unit std
+    # diffusers' layout, read by weights.load_vae; scaling_factor makes the latents of images it never measured ~unit std
     folder = quickstart.train_vae(str(tmp_path / "vae"), (8, 16), steps=3)
-    vae = vae_lib.load_vae(folder)
+    vae = weights.load_vae(folder)
     assert vae.factor == 2 and vae.config.block_out_channels == (8, 16) and vae.scaling_factor != 1.0
     x = torch.stack([quickstart.ShapesDataset(16)[10_000 + i]["image"] for i in range(64)])
     assert vae.encode(x).shape == (64, 4, 8, 8)
