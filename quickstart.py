@@ -336,8 +336,8 @@ def w2s_judge(comps, seeds, steps=20, cfg=4.5):
         vae, bound = vaes[vae_path, h]
         g = lambda k: torch.Generator().manual_seed(1000 + k)  # seed k: the same noise for every caption
         x = torch.cat([torch.randn((1, 4, h, h), generator=g(k)) for k in range(seeds)]).repeat(len(prompts) // seeds, 1, 1, 1)  # (N, 4, h, h)
-        fn = diffusion.clip_denoised(diffusion.guided(model.eval(), y, mask, y_null, m_null, cfg), bound)
-        images = vae.decode(diffusion.dpm_solver(fn, x, steps, progress=False)).clamp(-1, 1)  # (N, 3, 2h, 2h)
+        x = diffusion.sample(model.eval(), x, y, mask, y_null, m_null, "dpm", steps, cfg, clip_x0=bound, progress=False)
+        images = vae.decode(x).clamp(-1, 1)  # (N, 3, 2h, 2h)
         r = score(images, prompts)
         return dict(score=100 * (r["shape"] + r["color"]) / 2, shape=r["shape"], color=r["color"], rmse=r["rmse"])
     return judge

@@ -92,11 +92,9 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
         ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(weight.device)  # (B, C, h, w)
-        p = [k // n for k in ks]
-        model_fn = diffusion.guided(model, y[p], mask[p], y_neg, mask_neg, cfg)  # one forward: B null + B captions
-        model_fn = diffusion.clip_denoised(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
-        x = (diffusion.dpm_solver(model_fn, x, steps, progress=progress) if sampler == "dpm"
-             else diffusion.ancestral(model_fn, x, steps, generator=gens, progress=progress))  # (B, C, h, w)
+        p = [k // n for k in ks]  # with CFG one forward of B null + B captions; pixels: x̂0 clipped to their range
+        x = diffusion.sample(model, x, y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg, clip_x0=pixel_scale,
+                             generator=gens, progress=progress)  # (B, C, h, w)
         for z in x.split(1):  # one by one: the VAE's memory does not grow with the batch
             # (1, 3, gen_h, gen_w) in [-1, 1]; pixel space: the DiT denoised the image × pixel_scale itself
             image = z.float() / pixel_scale if pixel_scale else vae.decode(z.to(vae.post_quant_conv.weight)).float()

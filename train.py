@@ -396,10 +396,9 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
     for p in range(len(y)):
         g = torch.Generator().manual_seed(seed + p)
         x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
-        fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
-                              y_null, m_null, cfg)
-        fn = diffusion.clip_denoised(fn, pixels) if pixels else fn
-        x = diffusion.dpm_solver(fn, x, 20, False) if sampler == "dpm" else diffusion.ancestral(fn, x, 100, g, False)
+        x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
+                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=g,
+                             progress=False)
         rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
