@@ -46,6 +46,7 @@ import diffusion
 import hub
 import lora
 import sigma
+import sizes
 import t5
 from came import CAME
 from tokenizer import Tokenizer
@@ -212,7 +213,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
     # data first, shapes (quick start) or images: every image and caption is checked before a model is built
     keys, weights = data.caption_keys(args.caption_keys)
-    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
+    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else sizes.bucket_table(args.image_size)
     encoders, skipped, records = None, 0, None
     if dataset is None:
         records, skipped = data.scan(args.data, keys)
@@ -503,7 +504,7 @@ def check_args(args, argv, own_components=False):
         raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
                          f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
     if not args.no_buckets:
-        data.bucket_table(args.image_size)  # its message names --no-buckets
+        sizes.bucket_table(args.image_size)  # its message names --no-buckets
     data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
     if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
         raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")

@@ -17,6 +17,7 @@ import data
 import diffusion
 import quickstart
 import sigma
+import sizes
 import t5
 import tokenizer
 import train
@@ -71,11 +72,11 @@ def test_came_matches_came_pytorch():
 
 # ---------------------------------------------------------------------------------------------- buckets and data
 def test_nearest_bucket_and_crop():
-    table = data.bucket_table(1024)
+    table = sizes.bucket_table(1024)
     assert len(table) == 40
     for (h, w), key in {(1024, 1024): "1.0", (1080, 1920): "0.57", (1920, 1080): "1.75", (600, 2400): "0.25",
                         (4000, 900): "4.0", (768, 1152): "0.68", (1000, 820): "1.21"}.items():
-        assert data.nearest_bucket(h, w, table) == key, (h, w)
+        assert sizes.nearest_bucket(h, w, table) == key, (h, w)
     # a 100×300 image: red left third, green middle, blue right -> 256×256 keeps only the green middle
     img = np.zeros((100, 300, 3), np.uint8)
     img[:, :100, 0], img[:, 100:200, 1], img[:, 200:, 2] = 255, 255, 255
@@ -85,7 +86,7 @@ def test_nearest_bucket_and_crop():
     x = data.resize_cover_crop(Image.fromarray(img), (176, 352))  # nearly its own ratio: all three colours
     assert x.shape == (3, 176, 352) and x[0, :, :20].mean() > 0.9 and x[2, :, -20:].mean() > 0.9
     with pytest.raises(ValueError, match="--image-size 300: no official bucket table"):
-        data.bucket_table(300)
+        sizes.bucket_table(300)
 
 
 def test_sampler_one_bucket_per_batch_disjoint_shards_reshuffled():
@@ -127,7 +128,7 @@ def test_folder_and_manifest_skip_corrupt_images(tmp_path):
     records, skipped = data.scan(str(tmp_path))
     assert skipped == 2 and [os.path.basename(r["image"]) for r in records] == ["a.png", "b.png", "c.png"]
     assert records[0]["captions"] == ["caption a"] and (records[0]["height"], records[0]["width"]) == (64, 128)
-    ds = data.ImageDataset(records, data.bucket_table(256))
+    ds = data.ImageDataset(records, sizes.bucket_table(256))
     assert ds.buckets == ["0.5", "2.0", "1.0"]
     assert ds[0]["image"].shape == (3, 176, 352) and ds[1]["image"].shape == (3, 352, 176)
     manifest = tmp_path / "m.jsonl"
@@ -143,7 +144,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
         write_png(tmp_path / f"{i}.png", h, w, (40 * i, 100, 200))
         (tmp_path / f"{i}.txt").write_text("word " * (i + 1))
     records, _ = data.scan(str(tmp_path))
-    table = data.bucket_table(256)
+    table = sizes.bucket_table(256)
     calls = []
     enc_img = lambda x: (calls.append(len(x)), torch.nn.functional.avg_pool2d(x, 8)[:, :2])[1]  # stand-in "VAE"
     enc_cap = lambda caps: (torch.stack([torch.full((6, 3), float(len(c))) for c in caps]),
@@ -159,7 +160,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
     assert not data.build_cache(cache, records, table, fp, enc_img, enc_cap)  # up to date: nothing encoded
     assert sum(calls) == 3
     for other in (data.fingerprint(records, table, "vae-B", "t5", 6),  # new VAE
-                  data.fingerprint(records, data.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
+                  data.fingerprint(records, sizes.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
         assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
 
 
@@ -169,13 +170,13 @@ def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path)
     for i in range(2):
         write_png(tmp_path / f"{i}.png", 64, 96, (100, 50 * i, 0))
         (tmp_path / f"{i}.txt").write_text(f"caption {i}")
-    table = data.bucket_table(256)
+    table = sizes.bucket_table(256)
     fp = lambda records=None, table=table, vae="vae", t5="t5", tokens=300: data.fingerprint(
         records or data.scan(str(tmp_path))[0], table, vae, t5, tokens)
     base = fp()
     assert fp() == base  # a pure function of its inputs
     changed = {"VAE": fp(vae="other-vae"), "T5 / components": fp(t5="other-t5"), "caption length": fp(tokens=120),
-               "resolution": fp(table=data.bucket_table(512)), "buckets": fp(table={"1.0": (256, 256)}),
+               "resolution": fp(table=sizes.bucket_table(512)), "buckets": fp(table={"1.0": (256, 256)}),
                "an image fewer": fp(data.scan(str(tmp_path))[0][:1])}
     (tmp_path / "1.txt").write_text("another caption")
     changed["captions"] = fp()
