@@ -21,13 +21,11 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
                   (sample_size 128 and pe_interpolation 2 follow from the size; the 1024 bucket table)
     3. KV compression: --init runs/stage2/step_0001000/model.safetensors --kv-compress-layers deep --warmup 500 --steps 500
 """
-import argparse
 import contextlib
 import copy
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -200,9 +198,8 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     function of the parsed args returning one (instead of --data); components: dict(text_encoder, tokenizer, vae)
     paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
     SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
-    args = parse_args(argv, defaults, need_data=dataset is None)
-    lora.check_train_args(args)
-    check_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
+    args = cli.parse_train_args(argv, defaults, need_data=dataset is None, doc=__doc__)
+    cli.check_train_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
     rank, world, device = setup_ddp(args.device)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
     master = rank == 0
@@ -406,122 +403,6 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
     scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
     img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
-
-
-def parse_args(argv=None, defaults=None, need_data=True):
-    # no abbreviated flags: check_args must see every flag given, as typed
-    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
-    a = p.add_argument
-    hidden = lambda text: text if need_data else argparse.SUPPRESS  # refused when the caller brings the dataset
-    a("--data", help=hidden("folder of images + same-name .txt captions, or a .jsonl manifest"))
-    a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
-    a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
-    a("--no-buckets", action="store_true", help="one square bucket of --image-size instead of the 40 aspect ratios")
-    a("--cache", help=hidden("feature cache folder: encode once with T5 + VAE, then train without them"))
-    a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
-    a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
-    a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
-                                        "a diffusers folder, our .safetensors or a train.py run (latest; EMA weights if kept)")
-    a("--config", default="1024", choices=list(sigma.CONFIGS), help="architecture for --init scratch: a released config name")
-    a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
-    a("--pe-interpolation", type=float, help="position-embedding scale (default: the init's, × new/old size when --image-size changes it)")
-    a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
-    a("--kv-compress-ratio", type=int, help="keys/values merged ratio×ratio (default 2)")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen --init model (0: all weights);"
-                                               " defaults then: AdamW, lr 1e-4 unscaled, clip 1, warmup 100")
-    a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
-    a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
-                                               "embedders, adaLN and output, as the official LoRA script) or a list")
-    a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
-    a("--resume", action="store_true", help="continue from --out/latest (same command line)")
-    a("--steps", type=int, default=1000, help="optimizer steps in total")
-    a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", default="came", choices=["came", "adamw"], help="CAME as the official configs, or AdamW")
-    a("--lr", type=float, default=2e-5, help="base learning rate at a total batch of 256")
-    a("--no-lr-scaling", dest="lr_scaling", action="store_false", help="use --lr as is, not × √(batch/256)")
-    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    a("--warmup", type=int, default=1000, help="linear warmup steps (official: 1000; 500 for the KV stage)")
-    a("--clip", type=float, default=0.01, help="gradient-norm clip (official 0.01)")
-    a("--caption-dropout", type=float, default=0.1, help="probability of the null caption (for CFG)")
-    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999 (0 = off, as the official Sigma trainer)")
-    a("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
-    a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--seed", type=int, default=0, help="seed of the data order and of the noise")
-    a("--workers", type=int, default=4, help="data-loading processes per rank")
-    a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
-    a("--log-every", type=int, default=10, help="log every N steps")
-    a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
-    a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
-      help="'|'-separated preview prompts")
-    a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
-    a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
-    a("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
-    if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
-        p.set_defaults(**lora.TRAIN_DEFAULTS)
-    args = p.parse_args(argv)
-    if need_data and not args.data:
-        p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
-    if not need_data and args.data:
-        p.error("--data: this entry point trains on its own dataset; use train.py for your images")
-    return args
-
-
-def check_args(args, argv, own_components=False):
-    """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
-    as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
-    cli.check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
-                                                                 "--log-every", "--image-size", "--caption-tokens")]
-                     + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
-                                                             "--weight-decay")]
-                     + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
-                        ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
-                        ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
-                        ("--kv-compress-ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")])
-    no_effect = {"--kv-compress-ratio": (not args.kv_compress_layers, "needs --kv-compress-layers"),  # flag: (useless?, why)
-                 "--preview-prompts": (not args.preview_every, "needs --preview-every N"),
-                 "--preview-sampler": (not args.preview_every, "needs --preview-every N"),
-                 "--config": (args.init != "scratch", "applies to --init scratch only"),
-                 "--pixel-scale": (args.vae_factor != 1, "applies to pixel-space models (no VAE) only"),
-                 "--components": (own_components, "is set by this entry point"),
-                 "--vae": (args.vae_factor == 1, "has no use in pixel space")}
-    for flag, (useless, why) in no_effect.items():
-        if flag in given and useless:
-            raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
-    if args.preview_every % args.save_every and args.preview_every < args.steps:  # previews are drawn with checkpoints
-        if "--preview-every" in given:
-            raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
-                             f"of --save-every {args.save_every}")
-        if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
-            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
-                  f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
-    if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
-        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
-                         f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
-    if not args.no_buckets:
-        sizes.bucket_table(args.image_size)  # its message names --no-buckets
-    data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
-    if args.kv_compress_layers and not re.fullmatch(r"deep|\d+(-\d+)?(,\d+(-\d+)?)*", args.kv_compress_layers):
-        raise ValueError(f"--kv-compress-layers {args.kv_compress_layers!r}: give 'deep', a range such as 14-27 or a list such as 3,5")
-    if not any(q.strip() for q in args.preview_prompts.split("|")):
-        raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
-    for flag, path in (("--out", args.out), ("--cache", args.cache)):
-        if path and os.path.isfile(path):
-            raise ValueError(f"{flag} {path} is a file: give a folder (created if missing)")
-    for flag, path in (("--data", args.data), ("--vae", args.vae)):
-        if path and not os.path.exists(path):
-            raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
-                             if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
-    if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
-        hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
-    hub.check_components(args.components)
-    if args.device:
-        cli.parse_device(args.device)
 
 
 def cut_log(path, step):

@@ -28,6 +28,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
 
+import cli
 import diffusion
 import hub
 import quickstart
@@ -126,7 +127,7 @@ def run_curve(out, points, judge, vae, argv, comps, size):
             train.main([*argv, "--out", out, "--steps", str(step), "--resume"], **world)
             model = sigma.load_checkpoint(os.path.join(train.latest_checkpoint(out), "ema.safetensors"))
         else:
-            model = train.build_model(train.parse_args(argv, world["defaults"], need_data=False), torch.device("cpu"))
+            model = train.build_model(cli.parse_train_args(argv, world["defaults"], need_data=False), torch.device("cpu"))
         curve.append(dict(step=step, **judge(model, vae)))
         print(f"weak-to-strong: {out} at step {step}: score {curve[-1]['score']:.1f} "
               f"(shape {curve[-1]['shape']:.0%}, colours {curve[-1]['color']:.0%})", flush=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cli
 import data
 import diffusion
 import quickstart
@@ -216,7 +217,7 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert png.size == (16, 16) and png.text["parameters"].startswith(prompt + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
     assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = sigma.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
-    args = train.parse_args(run_args(run), quickstart.DEFAULTS, need_data=False)
+    args = cli.parse_train_args(run_args(run), quickstart.DEFAULTS, need_data=False)
     encode_captions, decode = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))[1:]
     y, mask = encode_captions([prompt])
     y_null, m_null = (v[0] for v in encode_captions([""]))
@@ -420,7 +421,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert max_diff(r0, r1) == 0.0  # identical on both ranks
     single = weights(quickstart.train(run_args(tmp_path / "one", "--batch-size", 4, *common)))
-    args = train.parse_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
+    args = cli.parse_train_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
     torch.manual_seed(args.seed)  # as train.main before it builds the model
     init = weights(train.build_model(args, torch.device("cpu"), sigma.SigmaConfig(**quickstart.DIT)))
     assert max_diff(single, init) > 1e-3  # it trained
@@ -490,7 +491,7 @@ def test_stage_new_vae_starts_from_pixart_alpha(tmp_path):
     sd |= {"csize_embedder.mlp.0.weight": torch.randn(64, 256), "ar_embedder.mlp.0.weight": torch.randn(64, 256),
            "pos_embed": torch.zeros(1, 64, 64)}  # α-1024-MS extras; pos_embed: 8×8 tokens = a 16-latent grid
     torch.save({"state_dict": sd}, tmp_path / "alpha.pth")
-    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "alpha.pth"), "--image-size", "128",
+    args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "alpha.pth"), "--image-size", "128",
                              "--caption-tokens", "16"])
     model = train.build_model(args, torch.device("cpu"))
     assert model.config.caption_tokens == 16 and model.y_embedder.y_embedding.shape == (16, 32)
@@ -505,7 +506,7 @@ def test_stage_higher_resolution_recomputes_positions(tmp_path):
     cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
                             sample_size=16, pe_interpolation=1.0)
     sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
-    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
+    args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
                              "--caption-tokens", "16", "--pe-interpolation", "2"])
     model = train.build_model(args, torch.device("cpu"))
     assert (model.config.sample_size, model.config.pe_interpolation) == (32, 2.0)
@@ -523,7 +524,7 @@ def test_stage_higher_resolution_keeps_the_position_span(tmp_path):
         cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=16, caption_tokens=4,
                                 sample_size=pixels // factor, pe_interpolation=base_pe)
         sigma.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
-        args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
+        args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
                                  "--caption-tokens", "4"], dict(vae_factor=factor))
         model = train.build_model(args, torch.device("cpu"))
         assert (model.config.sample_size, model.config.pe_interpolation) == (size // factor, expected)
@@ -550,7 +551,7 @@ def test_the_product_never_imports_the_demo():
 def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
     trained = quickstart.train(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0))
     ckpt = str(tmp_path / "step_0000060" / "model.safetensors")
-    args = train.parse_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"), quickstart.DEFAULTS, False)
+    args = cli.parse_train_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"), quickstart.DEFAULTS, False)
     kv = train.build_model(args, torch.device("cpu"))
     assert kv.config.kv_compress_layers == (1,) and hasattr(kv.blocks[1].attn, "sr")
     scratch = sigma.PixArtSigma(trained.config)
