@@ -218,10 +218,10 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = sigma.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
     args = cli.parse_train_args(run_args(run), quickstart.DEFAULTS, need_data=False)
-    encode_captions, decode = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))[1:]
-    y, mask = encode_captions([prompt])
-    y_null, m_null = (v[0] for v in encode_captions([""]))
-    train.preview(model, y, mask, y_null, m_null, decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
+    encoders = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))
+    y, mask = encoders.captions([prompt])
+    y_null, m_null = (v[0] for v in encoders.captions([""]))
+    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
     expected = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[::8, ::8]  # tiles drawn 8x larger
     got = np.asarray(png.convert("RGB"), dtype=np.int16)
     assert got.std() > 5 and np.abs(got - expected).max() <= 1
@@ -557,7 +557,8 @@ def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
     scratch = sigma.PixArtSigma(trained.config)
     ds = quickstart.ShapesDataset(16)
     items = [ds[10_000 + i] for i in range(64)]
-    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"), quickstart.components(str(tmp_path)))[1]
+    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"),
+                               quickstart.components(str(tmp_path))).captions
     y, mask = text([it["captions"][0] for it in items])
     x0 = torch.stack([it["image"] for it in items]) * args.pixel_scale  # what the quick start trains on
     g = torch.Generator().manual_seed(0)
