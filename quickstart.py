@@ -271,7 +271,8 @@ def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(__doc__.split("\n\n")[1] + f"\nquickstart.py: error: give a command: {', '.join(COMMANDS)}")
+        raise SystemExit(__doc__.split("\n\n")[1] + f"\nquickstart.py: error: give a command: {', '.join(COMMANDS)} "
+                         "(the weak-to-strong experiment is python weak_to_strong.py)")
     return COMMANDS[argv[0]](argv[1:])
 
 
