@@ -166,9 +166,8 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
     """DPM-Solver++(2M) from x = x_{t_0} (pure noise, (N, C, H, W)) to x̂_0, float32.
     model_fn(x, t) -> (N, 2C or C, H, W); its first C channels are ε̂."""
     ts = dpm_timesteps(steps)
-    ac = ALPHAS_CUMPROD[ts]
     # α, σ, λ at t_0..t_{M−1}, then the end point σ = 0 (α = 1, λ = +∞), all float64 scalars
-    alpha, sigma = ac.sqrt().tolist() + [1.0], (1 - ac).sqrt().tolist() + [0.0]
+    alpha, sigma = ALPHAS[ts].tolist() + [1.0], SIGMAS[ts].tolist() + [0.0]
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])] + [math.inf]
     x, C = x.float(), x.shape[1]
     x0_prev = None
