@@ -3,7 +3,7 @@
 - Layouts: a folder of images with same-name .txt captions (`cat.jpg` + `cat.txt`), or a .jsonl manifest of
   {"image": path relative to the manifest, "<caption key>": text, ...} with several caption keys to mix
   (the official `real_prompt_ratio`: e.g. 50% original alt-text, 50% long VLM captions).
-- Multi-aspect buckets (PixArt-α §2.4 / official tables in aspect_ratios.json, key = height/width): an image
+- Multi-aspect buckets (PixArt-α §2.4; the official tables and the nearest-ratio rule are in sizes.py): an image
   goes to the bucket of nearest ratio, is resized to cover it and center-cropped. A batch never mixes buckets.
 - Sampler: every global batch (batch × world size images) comes from one bucket and is cut into disjoint
   per-rank slices, so N ranks with batch B see exactly the images one process with batch N·B would see.
@@ -22,30 +22,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import sizes
 import weights
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")
 
 
-# ---------------------------------------------------------------------------------------------- buckets
-def bucket_table(size):
-    """The official table of 40 buckets around size² pixels: {ratio string: (height, width)}."""
-    if size in ("square", None):
-        raise ValueError("bucket_table needs a size")
-    tables = json.load(open(TABLES))
-    if f"ASPECT_RATIO_{size}" not in tables:
-        sizes = [k.split("_")[-1] for k in tables if k.startswith("ASPECT_RATIO_") and not k.endswith("TEST")]
-        raise ValueError(f"--image-size {size}: no official bucket table for it (there are tables for {', '.join(sizes)} "
-                         "px); or train square images with --no-buckets")
-    return {k: tuple(v) for k, v in tables[f"ASPECT_RATIO_{size}"].items()}
-
-
-def nearest_bucket(height, width, table):
-    """Key of the bucket whose height/width ratio is closest to the image's (official rule)."""
-    return min(table, key=lambda r: abs(float(r) - height / width))
-
-
+# ---------------------------------------------------------------------------------------------- images
 def resize_cover_crop(img, hw):
     """PIL image -> (3, h, w) float tensor in [-1, 1]: scale so the image covers hw, then center-crop."""
     h, w = hw
@@ -142,7 +125,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, table):
         self.records, self.table = records, table
-        self.buckets = [nearest_bucket(r["height"], r["width"], table) for r in records]
+        self.buckets = [sizes.nearest_bucket(r["height"], r["width"], table) for r in records]
 
     def __len__(self):
         return len(self.records)
@@ -186,19 +169,6 @@ class BucketSampler:
             batches += [items[j:j + G] for j in range(0, len(items) - G + 1, G)]  # the tail waits for next epoch
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[j][self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for j in order]
-
-
-def collate(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    out = dict(index=[it["index"] for it in items], captions=[it["captions"] for it in items])
-    for k in ("image", "latent"):
-        if k in items[0]:
-            out[k] = torch.stack([it[k] for it in items])
-    if "y" in items[0]:  # cached features: lists (per caption key) of (L_valid, D) tensors
-        out["y"] = [it["y"] for it in items]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- feature cache

@@ -14,13 +14,14 @@ DDPM choices, log Σ = frac·log β_t + (1 − frac)·log β̃_t with frac = (v 
   the first step, second order after that, and a last first-order step to σ = 0 (the x̂_0 prediction).
 - `ancestral`: IDDPM's sampler respaced to any number of steps. This is the native sampler of the
   learned variance (the official repo's `IDDPM(100)`) and it shows what the variance head is for.
+- `sample`: the one sampling recipe of sample.py, train.py's preview and the quick start: classifier-free
+  guidance (`guided`), x̂_0 clipping for pixel models (`clip_denoised`), then one of the two samplers.
 
 Notation (VP): x_t = α_t x_0 + σ_t ε with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t); λ_t = log(α_t/σ_t) is
 half the log-SNR; h = λ_t − λ_s is a step in λ. Tensors are latents (N, C, H, W); t is (N,) long.
 The schedules are float64 and the sampler state float32, even when the network runs in bf16.
 
-    model_fn = guided(model, y, mask, y_null, mask_null, scale=4.5)
-    x0 = dpm_solver(model_fn, torch.randn(1, 4, 128, 128), steps=20)   # then decode with the VAE
+    x0 = sample(model, torch.randn(1, 4, 128, 128), y, mask, y_null, mask_null)   # CFG 4.5, DPM-Solver++ 20 steps
 """
 import math
 
@@ -29,16 +30,11 @@ import torch
 from tqdm import tqdm
 
 NUM_TIMESTEPS = 1000
-
-
-def betas():
-    """β_t for t = 0..999, linear from 1e-4 to 0.02 (DDPM §4), float64."""
-    return torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64)
-
-
-def alphas_cumprod():
-    """ᾱ_t = Π_{s≤t} (1 − β_s), float64 (T,)."""
-    return torch.cumprod(1 - betas(), dim=0)
+# The schedule, computed once, float64 (T,): β_t linear from 1e-4 to 0.02 (DDPM §4), ᾱ_t = Π_{s≤t} (1 − β_s), and the
+# coefficients of x_t = α_t x_0 + σ_t ε
+BETAS = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64)
+ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, dim=0)
+ALPHAS, SIGMAS = ALPHAS_CUMPROD.sqrt(), (1 - ALPHAS_CUMPROD).sqrt()
 
 
 def _at(a, t, x):
@@ -49,8 +45,12 @@ def _at(a, t, x):
 
 def q_sample(x0, t, noise):
     """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: a draw from q(x_t | x_0) (DDPM eq. 4)."""
-    ac = alphas_cumprod()
-    return _at(ac.sqrt(), t, x0) * x0 + _at((1 - ac).sqrt(), t, x0) * noise
+    return _at(ALPHAS, t, x0) * x0 + _at(SIGMAS, t, x0) * noise
+
+
+def predict_x0(x, eps, alpha, sigma):
+    """x̂_0 = (x_t − σ_t ε̂)/α_t: eq. 4 solved for x_0 with the predicted noise; DPM-Solver++'s data prediction."""
+    return (x - sigma * eps) / alpha
 
 
 def _posterior(ac):
@@ -70,7 +70,7 @@ def _p_mean_log_var(out, x, i, ac):
     out: (N, 2C or C, H, W) float32 network output; x: (N, C, H, W) = x_t."""
     beta, post_log_var, c0, ct = _posterior(ac)
     C = x.shape[1]
-    x0 = (x - _at((1 - ac).sqrt(), i, x) * out[:, :C]) / _at(ac.sqrt(), i, x)  # invert eq. 4 with ε̂
+    x0 = predict_x0(x, out[:, :C], _at(ac.sqrt(), i, x), _at((1 - ac).sqrt(), i, x))
     mean = _at(c0, i, x) * x0 + _at(ct, i, x) * x  # posterior mean at x̂_0 (DDPM eq. 7)
     if out.shape[1] == 2 * C:  # learned range (IDDPM eq. 15)
         frac = (out[:, C:] + 1) / 2
@@ -102,9 +102,8 @@ def training_losses(model, x0, t, y, mask, noise=None):
 
     # L_vb = KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) in bits, with ε̂ detached so that this term
     # trains only the variance; L_simple alone trains the mean (IDDPM §3.1)
-    ac = alphas_cumprod()
-    mean, log_var = _p_mean_log_var(torch.cat([out[:, :C].detach(), out[:, C:]], 1), x_t, t, ac)
-    _, post_log_var, c0, ct = _posterior(ac)
+    mean, log_var = _p_mean_log_var(torch.cat([out[:, :C].detach(), out[:, C:]], 1), x_t, t, ALPHAS_CUMPROD)
+    _, post_log_var, c0, ct = _posterior(ALPHAS_CUMPROD)
     q_mean, q_log_var = _at(c0, t, x0) * x0 + _at(ct, t, x0) * x_t, _at(post_log_var, t, x0)
     # KL of two Gaussians per element: ½ (log Σ_p − log Σ_q + Σ_q/Σ_p + (μ_q − μ_p)²/Σ_p − 1)
     kl = 0.5 * (log_var - q_log_var + torch.exp(q_log_var - log_var) + (q_mean - mean) ** 2 * torch.exp(-log_var) - 1)
@@ -142,13 +141,11 @@ def clip_denoised(model_fn, bound=1.0):
     """model_fn whose ε̂ is replaced by the ε of x̂0 = (x − σ ε̂)/α clipped to [−bound, bound]: IDDPM's and ADM's
     `clip_denoised`, for models of pixels (whose range is known; latents have none). At t = 999, 1/α = 158
     turns any ε̂ error into a huge x̂0; clipping keeps every step's data prediction inside the image range."""
-    ac = alphas_cumprod()
-
     def fn(x, t):
         out = model_fn(x, t)
-        C, a = x.shape[1], ac.to(x.device)[t].float().view(-1, 1, 1, 1)
-        x0 = ((x - (1 - a).sqrt() * out[:, :C]) / a.sqrt()).clamp(-bound, bound)
-        return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), out[:, C:]], 1)
+        C, alpha, sigma = x.shape[1], _at(ALPHAS, t, x), _at(SIGMAS, t, x)
+        x0 = predict_x0(x, out[:, :C], alpha, sigma).clamp(-bound, bound)
+        return torch.cat([(x - alpha * x0) / sigma, out[:, C:]], 1)  # the ε that gives the clipped x̂0
     return fn
 
 
@@ -169,15 +166,14 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
     """DPM-Solver++(2M) from x = x_{t_0} (pure noise, (N, C, H, W)) to x̂_0, float32.
     model_fn(x, t) -> (N, 2C or C, H, W); its first C channels are ε̂."""
     ts = dpm_timesteps(steps)
-    ac = alphas_cumprod()[ts]
     # α, σ, λ at t_0..t_{M−1}, then the end point σ = 0 (α = 1, λ = +∞), all float64 scalars
-    alpha, sigma = ac.sqrt().tolist() + [1.0], (1 - ac).sqrt().tolist() + [0.0]
+    alpha, sigma = ALPHAS[ts].tolist() + [1.0], SIGMAS[ts].tolist() + [0.0]
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])] + [math.inf]
     x, C = x.float(), x.shape[1]
     x0_prev = None
     for i in tqdm(range(steps), desc="dpm-solver++", disable=not progress):
         eps = model_fn(x, ts[i].expand(x.shape[0]).to(x.device))[:, :C].float()
-        x0 = (x - sigma[i] * eps) / alpha[i]  # data prediction x_θ(x_t, t), the quantity DPM-Solver++ integrates
+        x0 = predict_x0(x, eps, alpha[i], sigma[i])  # data prediction x_θ(x_t, t), the quantity DPM-Solver++ integrates
         if i == steps - 1:
             # last step, to σ = 0: the first-order update below has σ_{t_M} = 0 and e^{−h} = 0, so it lands on
             # x_θ = E[x_0 | x_{t_{M−1}}] (t = 50 for 20 steps), slightly smoother than the ODE's own end point
@@ -211,7 +207,7 @@ def ancestral(model_fn, x, steps=100, generator=None, progress=True):
     for _ in range(steps):
         kept.append(round(s))
         s += stride
-    ac = alphas_cumprod()[kept]  # (steps,) ᾱ of the respaced chain
+    ac = ALPHAS_CUMPROD[kept]  # (steps,) ᾱ of the respaced chain
     x = x.float()
     for i in tqdm(reversed(range(steps)), total=steps, desc="ancestral", disable=not progress):
         t = torch.full((x.shape[0],), kept[i], dtype=torch.long, device=x.device)
@@ -225,3 +221,19 @@ def ancestral(model_fn, x, steps=100, generator=None, progress=True):
         else:
             x = mean
     return x
+
+
+@torch.no_grad()
+def sample(model, noise, y, mask, y_null, mask_null, sampler="dpm", steps=20, cfg=4.5, clip_x0=None, generator=None,
+           progress=True):
+    """The sampling recipe of every caller: model(x, t, y, mask) guided at scale `cfg`, x̂_0 clipped to ±clip_x0 if
+    given (pixel models, whose range is known), then from `noise` (N, C, H, W) 'dpm' (DPM-Solver++(2M)) or 'ancestral'
+    (IDDPM; its noise from `generator`: a CPU generator, or a list of one per image) -> x̂_0 (N, C, H, W) float32."""
+    model_fn = guided(model, y, mask, y_null, mask_null, cfg)
+    if clip_x0:
+        model_fn = clip_denoised(model_fn, clip_x0)
+    if sampler == "dpm":
+        return dpm_solver(model_fn, noise, steps, progress)
+    if sampler == "ancestral":
+        return ancestral(model_fn, noise, steps, generator, progress)
+    raise ValueError(f"sampler must be 'dpm' or 'ancestral', got {sampler!r}")

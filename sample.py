@@ -26,7 +26,6 @@ Examples:
 """
 import gc
 import os
-import pathlib
 import random
 import re
 import sys
@@ -44,9 +43,6 @@ import sizes
 import t5 as t5lib
 import weights
 from tokenizer import Tokenizer
-
-DTYPES = dict(auto=None, fp32=torch.float32, float32=torch.float32, bf16=torch.bfloat16, bfloat16=torch.bfloat16,
-              fp16=torch.float16, float16=torch.float16, half=torch.float16)  # --dtype, as other tools spell it
 
 
 def _take(component):
@@ -92,11 +88,9 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
         ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(weight.device)  # (B, C, h, w)
-        p = [k // n for k in ks]
-        model_fn = diffusion.guided(model, y[p], mask[p], y_neg, mask_neg, cfg)  # one forward: B null + B captions
-        model_fn = diffusion.clip_denoised(model_fn, pixel_scale) if pixel_scale else model_fn  # as train.py's preview
-        x = (diffusion.dpm_solver(model_fn, x, steps, progress=progress) if sampler == "dpm"
-             else diffusion.ancestral(model_fn, x, steps, generator=gens, progress=progress))  # (B, C, h, w)
+        p = [k // n for k in ks]  # with CFG one forward of B null + B captions; pixels: x̂0 clipped to their range
+        x = diffusion.sample(model, x, y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg, clip_x0=pixel_scale,
+                             generator=gens, progress=progress)  # (B, C, h, w)
         for z in x.split(1):  # one by one: the VAE's memory does not grow with the batch
             # (1, 3, gen_h, gen_w) in [-1, 1]; pixel space: the DiT denoised the image × pixel_scale itself
             image = z.float() / pixel_scale if pixel_scale else vae.decode(z.to(vae.post_quant_conv.weight)).float()
@@ -122,65 +116,8 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
-def build_parser():
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-                           formatter_class=cli.HelpFormatter)
-    p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
-    p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
-    p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
-    p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=1, help="images per DiT forward (faster if memory allows; same images)")
-    p.add_argument("--sampler", choices=["dpm", "ancestral"], default="dpm", help="DPM-Solver++(2M) as diffusers, or IDDPM ancestral")
-    p.add_argument("--model", default="auto", help=f"released model ({', '.join(hub.MODELS)}; auto: 1024 up to 1536², "
-                   "2K above), a local official .pth, diffusers folder, our .safetensors or train.py run folder (latest, EMA if kept)")
-    p.add_argument("--components", help=f"T5, tokenizer and VAE: a local folder laid out as {hub.COMPONENTS_REPO} or a Hub "
-                   "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="add a LoRA, merged into the "
-                   "weights: a PEFT adapter folder or .safetensors, or a train.py --lora-rank run; SCALE default 1; repeatable")
-    p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
-                   "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
-    p.add_argument("--dtype", default="auto", help=f"DiT and VAE precision: {', '.join(DTYPES)} (auto: bfloat16 on GPU, "
-                   "float32 on CPU); T5 runs in bfloat16 unless float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
-    p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
-    p.add_argument("--low-memory", action="store_true", help="run T5 on the CPU (slower) so that small GPUs suffice")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT: the first image is slower, later ones faster")
-    return p
-
-
-def check_args(args):
-    """Every check that needs no weights, before anything is loaded or downloaded -> (prompts, torch device)."""
-    try:
-        lines = pathlib.Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if args.prompts_file else []
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it ({getattr(e, 'strerror', None) or e}); "
-                         "give a UTF-8 text file with one prompt per line") from None
-    prompts = list(args.prompt) + [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: write one per line" if args.prompts_file
-                         else "no prompt: give one (quoted) or --prompts-file")
-    cli.check_ranges(args, [("--steps", 1 <= args.steps <= diffusion.NUM_TIMESTEPS, f"from 1 to {diffusion.NUM_TIMESTEPS}"),
-                            ("--cfg", 1 <= args.cfg < float("inf"), ">= 1 (1 = no guidance; diffusers too guides only above 1)"),
-                            ("--n", args.n >= 1, ">= 1"), ("--batch-size", args.batch_size >= 1, ">= 1")])
-    if args.dtype.lower() not in DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
-    if args.negative and args.cfg == 1:
-        raise ValueError("--negative has no effect with --cfg 1 (no guidance): give a --cfg above 1, or leave it out")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file: give a folder (created if missing)")
-    if args.kv_compress:  # every released model has 28 blocks; a local one's depth is checked when it loads
-        hub.parse_kv_compress(args.kv_compress, None if os.path.exists(args.model) else 28)
-    hub.check_components(args.components)
-    return prompts, cli.parse_device(args.device)
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = cli.sample_parser(__doc__).parse_args(argv)
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:  # bad input or missing/damaged weights: a message, no traceback
@@ -190,7 +127,7 @@ def main(argv=None):
 
 
 def run(args):
-    prompts, device = check_args(args)
+    prompts, device = cli.check_sample_args(args)
     # LoRA files are small: read and checked now; --model <a train.py LoRA run> = its base model + its adapter
     model_arg, loras = lora.split_model(args.model, [lora.read(spec) for spec in args.lora])
     local = os.path.exists(model_arg)
@@ -201,7 +138,7 @@ def run(args):
     if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
         model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if model_arg == "auto" else model_arg
         path, name, repo = hub.resolve_model(model_arg)  # from the Hugging Face cache, or downloaded
-    dtype = DTYPES[args.dtype.lower()] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = cli.DTYPES[args.dtype.lower()] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
     model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 loads
     model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here

@@ -1,7 +1,8 @@
-"""Image sizes for sampling: which size the DiT runs at for the size a user asks for.
+"""Image sizes: the aspect-ratio buckets PixArt-Σ trains on, and which size the DiT samples at for a requested one.
 
 PixArt-Σ was trained on 40 aspect-ratio buckets per resolution (PixArt-α §2.4; tables in
-aspect_ratios.json, key = height/width). At sampling time diffusers' PixArtSigmaPipeline moves the
+aspect_ratios.json, key = height/width): an image goes to the bucket of nearest ratio (data.py). At
+sampling time diffusers' PixArtSigmaPipeline moves the
 requested H×W to the bucket of nearest ratio, generates there and resizes + center-crops the image
 back to H×W ("resolution binning"); this file does the same, with the same tables. Far above the
 training size (4096² from the 2K model) there is no bucket: the nearest one is scaled up to the
@@ -16,12 +17,35 @@ import re
 
 import torch.nn.functional as F
 
+TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")
 # The tables diffusers' PixArtSigmaPipeline picks by the transformer's sample_size (latent side): the
 # official demo's *_TEST tables up to 1024 px, the 2K training table at 2048 px.
 BIN_TABLES = {32: "ASPECT_RATIO_256_TEST", 64: "ASPECT_RATIO_512_TEST", 128: "ASPECT_RATIO_1024_TEST",
               256: "ASPECT_RATIO_2048"}
 MAX_AREA = 4096 * 4096  # the paper's largest images
 UPSCALE_ABOVE = 1.5  # buckets grow to the requested area only above 1.5x the training area; below, as diffusers
+
+
+def _tables():
+    """aspect_ratios.json: {table name: {ratio string: [height, width]}}."""
+    with open(TABLES) as f:
+        return json.load(f)
+
+
+def bucket_table(size):
+    """The official training table of 40 buckets around size² pixels (train.py --image-size): {ratio: (height, width)}."""
+    tables = _tables()
+    if f"ASPECT_RATIO_{size}" not in tables:
+        known = [k.split("_")[-1] for k in tables if k.startswith("ASPECT_RATIO_") and not k.endswith("TEST")]
+        raise ValueError(f"--image-size {size}: no official bucket table for it (there are tables for {', '.join(known)} "
+                         "px); or train square images with --no-buckets")
+    return {k: tuple(v) for k, v in tables[f"ASPECT_RATIO_{size}"].items()}
+
+
+def nearest_bucket(height, width, table):
+    """Key of the bucket whose height/width ratio is closest to the image's (official rule; the first of equals, as
+    diffusers)."""
+    return min(table, key=lambda ratio: abs(float(ratio) - height / width))
 
 
 def parse_size(text, latent=True):
@@ -48,10 +72,8 @@ def generation_size(height, width, config, binning=True, factor=8):
     if binning:
         if config.sample_size not in BIN_TABLES:
             raise ValueError(f"no aspect-ratio table for a model trained at {8 * config.sample_size} px: use --no-binning")
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")) as f:
-            table = json.load(f)[BIN_TABLES[config.sample_size]]
-        bucket = min(table, key=lambda ratio: abs(float(ratio) - height / width))  # first of equals, as diffusers
-        bh, bw = table[bucket]
+        table = _tables()[BIN_TABLES[config.sample_size]]
+        bh, bw = table[nearest_bucket(height, width, table)]
         if height * width > UPSCALE_ABOVE * (8 * config.sample_size) ** 2:  # e.g. 4096² from the 2K model
             scale = math.sqrt(height * width / (bh * bw))
             bh, bw = scale * bh, scale * bw  # same trained shape, the requested area

@@ -9,6 +9,10 @@ dropout of global micro-batch k are drawn from a generator seeded by (seed, k), 
 function of (seed, epoch) — so 2 ranks × batch B train exactly like 1 rank × 2B, and --resume continues
 the very same loss curve without storing any RNG state.
 
+Reading order: main, in sections (Setup DDP, Data, Create model, Encoders, Create optimizer, Resume, Train); then
+train_step (one optimizer step) and training_batches (one micro-batch and its seeded randomness); then the helpers
+in the order main calls them, and the checkpoints. The flags and their checks are in cli.py.
+
     python quickstart.py train                                     # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
@@ -21,9 +25,10 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
                   (sample_size 128 and pe_interpolation 2 follow from the size; the 1024 bucket table)
     3. KV compression: --init runs/stage2/step_0001000/model.safetensors --kv-compress-layers deep --warmup 500 --steps 500
 """
-import argparse
 import contextlib
 import copy
+import functools
+import itertools
 import json
 import math
 import os
@@ -31,6 +36,7 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,10 +50,228 @@ import diffusion
 import hub
 import lora
 import sigma
+import sizes
 import t5
 import weights
 from came import CAME
 from tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- training
+def main(argv=None, dataset=None, components=None, config=None, defaults=None):
+    """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
+    dataset: a Dataset of dict(index, image, captions) or dict(index, latent, y) items with a .buckets list, or a
+    function of the parsed args returning one (instead of --data); components: dict(text_encoder, tokenizer, vae)
+    paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
+    SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
+    args = cli.parse_train_args(argv, defaults, need_data=dataset is None, doc=__doc__)
+    cli.check_train_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
+
+    # Setup DDP: torchrun's ranks (or one process); --out's latest checkpoint, continued only with --resume
+    rank, world, device = setup_ddp(args.device)
+    torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-micro-batch generator
+    master = rank == 0
+    resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet
+    check_resume(args, resume)
+    if args.resume and resume is None and master:
+        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+
+    # Data: images (--data) or the caller's dataset, every image and caption checked before a model is built
+    caption_keys, caption_weights = data.caption_keys(args.caption_keys)
+    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else sizes.bucket_table(args.image_size)
+    dataset, records, skipped = load_data(args, dataset, table, caption_keys, rank, world)
+    components = setup_run_folder(args, components, master, world)
+
+    # Create model: --init (the weak-to-strong stages: build_model), or the run's own on --resume; LoRA adapters
+    if resume and not args.lora_rank:
+        model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
+    else:
+        model = build_model(args, device, config)
+    if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
+        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
+        if resume:
+            lora.load(model, resume)
+    model.gradient_checkpointing = args.grad_checkpoint
+
+    # Encoders: T5 and the VAE (or the feature cache that replaces them), the null caption T5(""), preview prompts
+    tokens = model.config.caption_tokens
+    resolve = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
+    if args.cache:  # encoded once: training loads neither T5 nor the VAE
+        encoders = None
+        dataset, null = feature_cache(args, records, table, tokens, resolve, device, rank, world)
+        skipped += dataset.skipped
+    else:
+        encoders = load_encoders(args, tokens, device, resolve())
+        null = Caption(*(v[0].cpu() for v in encoders.captions([""])))
+    # caption dropout uses T5(""): the same null caption as diffusers' sampling pipeline uses for CFG
+    model.y_embedder.y_embedding.copy_(null.y.to(model.y_embedder.y_embedding))
+    null = Caption(null.y.to(device), null.mask.to(device))
+    if args.preview_every:  # the preview prompts encoded now: T5 need not stay in memory
+        encode = encoders or load_encoders(args, tokens, device, resolve())
+        y, mask = encode.captions(args.preview_prompts.split("|"))
+        draw_preview = functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encode.decode,
+                                         hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
+                                         pixels=args.vae_factor == 1 and args.pixel_scale)
+        del encode
+
+    # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
+    global_batch = args.batch_size * world * args.grad_accum
+    lr = args.lr * math.sqrt(global_batch / 256) if args.lr_scaling else args.lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "came":
+        opt = CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+
+    # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
+    step = load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every
+    batches = training_batches(args, dataset, step * args.grad_accum, encoders, null, caption_weights, tokens, rank,
+                               world, device)
+    if resume and master:
+        cut_log(os.path.join(args.out, "log.jsonl"), step)
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    images_since_log, log_time = 0, time.time()
+    while step < args.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
+        result = train_step(net, model, ema, opt, batches, args, world, autocast)
+        step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time), skipped, world)
+            images_since_log, log_time = 0, now
+        if step % args.save_every == 0 or step == args.steps:  # save: model, EMA, trainer state (and a preview)
+            if master:
+                path = save_state(args.out, step, model, ema, opt, dict(global_batch=global_batch, seed=args.seed,
+                                  epoch=result.epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
+                if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
+                    draw_preview(ema or model, path=os.path.join(path, "preview.png"))
+            if world > 1:
+                dist.barrier()
+    bar.close()
+
+    # Done: where the run is, and how to sample it
+    if master:
+        prompt = args.preview_prompts.split("|")[0]
+        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
+              f"    python sample.py --model {args.out} \"{prompt}\"")
+    if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+        dist.destroy_process_group()
+    return model
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch of this rank, ready for the loss."""
+    x0: torch.Tensor     # (n, C, h, w) clean latents (pixel space: the images × --pixel-scale)
+    t: torch.Tensor      # (n,) timesteps
+    noise: torch.Tensor  # (n, C, h, w) ε
+    y: torch.Tensor      # (n, L, D) caption features, T5("") where the caption was dropped
+    mask: torch.Tensor   # (n, L)
+    epoch: int
+    skipped: int         # images of the micro-batch that could not be decoded (left out)
+
+
+class StepResult(NamedTuple):
+    sums: torch.Tensor       # (4,) this rank's sums over the step of loss, mse, vb and the number of images
+    grad_norm: torch.Tensor  # before clipping
+    epoch: int
+    skipped: int
+
+
+def train_step(net, model, ema, opt, batches, args, world, autocast):
+    """One optimizer step, as in DiT's train.py: --grad-accum micro-batches of this rank through the IDDPM loss and
+    backward (DDP averages the gradients over the ranks on the last one only), gradient clip, optimizer step, EMA."""
+    sums, skipped = 0, 0  # sums: a (4,) tensor from the first micro-batch on
+    for micro in range(args.grad_accum):
+        batch = next(batches)
+        sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                out = diffusion.training_losses(net, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+            (out["loss"].mean() / args.grad_accum).backward()
+        sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
+                                   out["loss"].new_tensor(len(batch.t))]).detach()
+        skipped += batch.skipped
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:  # ema ← decay·ema + (1 − decay)·model
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+    return StepResult(sums, grad_norm, batch.epoch, skipped)
+
+
+def training_batches(args, dataset, start, encoders, null, caption_weights, caption_tokens, rank, world, device):
+    """This rank's micro-batches from global micro-batch number `start` on, endless. The randomness of micro-batch k
+    (timesteps, noise, caption dropout, which caption) is drawn for all ranks' rows from a generator seeded by
+    (seed, k), and each rank keeps its own rows: N ranks × batch B train as one process with batch N·B, and a
+    resumed run draws what the straight run drew. encoders: load_encoders' (None with cached features)."""
+    sampler = data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)
+    stream = data.micro_batches(dataset, sampler, start, args.workers)
+    global_size = args.batch_size * world  # rows of one micro-batch of all ranks
+    for k in itertools.count(start):
+        epoch, items = next(stream)
+        valid = [i for i, item in enumerate(items) if item is not None]  # an image that failed to decode is None
+        skipped, items = len(items) - len(valid), [items[i] for i in valid]
+        rows = torch.tensor([rank * args.batch_size + i for i in valid], device=device)  # this rank's rows
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+        t = torch.randint(0, diffusion.NUM_TIMESTEPS, (global_size,), generator=g, device=device)[rows]
+        drop = (torch.rand(global_size, generator=g, device=device) < args.caption_dropout)[rows]
+        choice = torch.multinomial(caption_weights.to(device).expand(global_size, -1), 1, generator=g)[rows, 0].tolist()
+        if "latent" in items[0]:  # cached features
+            x0 = torch.stack([item["latent"] for item in items]).to(device)
+            y, mask = (v.to(device) for v in data.pad_tokens([it["y"][c] for it, c in zip(items, choice)], caption_tokens))
+        else:
+            with torch.no_grad():
+                x0 = encoders.images(torch.stack([item["image"] for item in items]))
+                y, mask = encoders.captions([it["captions"][c] for it, c in zip(items, choice)])
+        noise = torch.randn((global_size, *x0.shape[1:]), generator=g, device=device)[rows]
+        y = torch.where(drop[:, None, None], null.y.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
+        mask = torch.where(drop[:, None], null.mask.to(mask.dtype), mask)
+        yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
+
+
+def log_step(log, bar, step, result, lr, images_per_s, skipped, world):
+    """The step's loss over all ranks (every rank takes part in the all-reduce) -> a line of log.jsonl and the
+    progress bar, on rank 0 (log: None on the others)."""
+    if world > 1:
+        dist.all_reduce(result.sums)
+    loss, mse, vb, n = result.sums.tolist()
+    record = dict(step=step, epoch=result.epoch, loss=loss / n, mse=mse / n, vb=vb / n, lr=lr,
+                  grad_norm=result.grad_norm.item(), images_per_s=images_per_s, skipped_images=skipped)
+    if log is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+@torch.no_grad()
+def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
+    """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
+    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes)."""
+    model.eval()
+    rows = []
+    for p in range(len(y)):
+        g = torch.Generator().manual_seed(seed + p)
+        x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
+        x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
+                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=g,
+                             progress=False)
+        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
+    model.train()
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
+    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
+    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup_ddp(device):
@@ -62,6 +286,41 @@ def setup_ddp(device):
         dev = torch.device("cpu")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def load_data(args, dataset, table, caption_keys, rank, world):
+    """--data's images, scanned (every image and caption checked), or the caller's dataset (a function of the args:
+    called now) -> (dataset, --data's records or None, images skipped). A batch no bucket fills is refused now."""
+    records, skipped = None, 0
+    if dataset is None:
+        records, skipped = data.scan(args.data, caption_keys)
+        dataset = data.ImageDataset(records, table)
+    elif callable(dataset):
+        dataset = dataset(args)
+    if args.cache and records is None:
+        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
+    data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)  # refuses a batch no bucket fills
+    return dataset, records, skipped
+
+
+def setup_run_folder(args, components, master, world):
+    """--out, said and created, with a caller's components (text_encoder, tokenizer, vae paths; a function of the args:
+    rank 0 creates them, the others read them after it) recorded in its sample.json, so that `sample.py --model <out>`
+    needs no flags. -> the components (None: --components names them)."""
+    if master:
+        print(f"train.py: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
+              f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
+    os.makedirs(args.out, exist_ok=True)
+    if callable(components) and master:
+        components = components(args)  # rank 0 writes them, the others read them after the barrier
+    if world > 1:
+        dist.barrier()
+    if callable(components):
+        components = components(args)
+    if components is not None and master:  # --vae is the run's VAE
+        vae_path = args.vae or components.get("vae")
+        hub.save_run_settings(args.out, dict(components, vae=vae_path), None if vae_path else args.pixel_scale)
+    return components
 
 
 def build_model(args, device, config=None):
@@ -96,9 +355,20 @@ def build_model(args, device, config=None):
     return model.to(device).train()
 
 
+class Encoders(NamedTuple):
+    """What turns a batch into the DiT's inputs, and its output back into images (load_encoders)."""
+    images: Callable    # (N, 3, H, W) in [-1, 1] -> latents (N, C, H/f, W/f), scaled (pixel space: × --pixel-scale)
+    captions: Callable  # list of N prompts -> (y (N, L, D), mask (N, L))
+    decode: Callable    # latents -> (N, 3, H, W) in [-1, 1]
+
+
+class Caption(NamedTuple):
+    y: torch.Tensor     # (L, D) or (N, L, D) T5 features
+    mask: torch.Tensor  # (L,) or (N, L): 1 for a real token
+
+
 def load_encoders(args, caption_tokens, device, comps):
-    """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) ->
-    encode_images(x in [-1,1]) -> latents, encode_captions(prompts) -> (y, mask), decode(latents) -> x."""
+    """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) -> Encoders (images, captions, decode)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text = hub.load("text encoder", comps["text_encoder"], weights.load_t5, dtype=dtype, device=device)  # damaged: one line
     tok = hub.load("tokenizer", comps["tokenizer"], Tokenizer, max_length=caption_tokens)
@@ -110,7 +380,32 @@ def load_encoders(args, caption_tokens, device, comps):
         encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
         decode = lambda z: vae.decode(z.to(dtype)).float()
     encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
-    return encode_images, encode_captions, decode
+    return Encoders(encode_images, encode_captions, decode)
+
+
+def feature_cache(args, records, table, caption_tokens, resolve_components, device, rank, world):
+    """--cache: --data's VAE latents and T5 features, encoded now (every rank its shards) unless the cache already
+    holds them for these images, captions, components, buckets and caption length -> (data.CachedDataset, the null
+    caption T5("") stored beside them). Training then needs neither T5 nor the VAE."""
+    # the VAE and T5 enter by name, not loaded: a valid cache needs neither
+    fingerprint = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
+    index = os.path.join(args.cache, "index.json")
+    if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fingerprint):
+        encoders = load_encoders(args, caption_tokens, device, resolve_components())
+        data.build_cache(args.cache, records, table, fingerprint, encoders.images, encoders.captions, rank, world)
+        if rank == 0:
+            y, mask = encoders.captions([""])
+            save_file(dict(y=y[0].cpu().contiguous(), mask=mask[0].cpu().contiguous()),
+                      os.path.join(args.cache, "null.safetensors"))
+        del encoders  # free T5 and the VAE before training
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            data.write_cache_index(args.cache, fingerprint)
+        if world > 1:
+            dist.barrier()
+    null = load_file(os.path.join(args.cache, "null.safetensors"))
+    return data.CachedDataset(args.cache), Caption(null["y"], null["mask"])
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -135,6 +430,24 @@ def save_state(out, step, model, ema, opt, extra, keep):
     for d in old:
         shutil.rmtree(os.path.join(out, d))
     return final
+
+
+def load_state(resume, opt, ema, device, global_batch, master):
+    """--resume: the optimizer state and EMA weights of checkpoint folder `resume` (its model was loaded when main
+    created the model) -> the step to continue from."""
+    try:
+        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
+    except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
+        raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
+                         "an earlier step_N folder") from None
+    opt.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
+    if state["global_batch"] != global_batch and master:
+        print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
+    if master:
+        print(f"resumed from {resume} at step {state['step']}")
+    return state["step"]
 
 
 def check_resume(args, resume):
@@ -165,338 +478,6 @@ def check_resume(args, resume):
     if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
         raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
                          "give its --ema again")
-
-
-# ---------------------------------------------------------------------------------------------- training
-def main(argv=None, dataset=None, components=None, config=None, defaults=None):
-    """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
-    dataset: a Dataset of dict(index, image, captions) or dict(index, latent, y) items with a .buckets list, or a
-    function of the parsed args returning one (instead of --data); components: dict(text_encoder, tokenizer, vae)
-    paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
-    SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
-    args = parse_args(argv, defaults, need_data=dataset is None)
-    lora.check_train_args(args)
-    check_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
-    rank, world, device = setup_ddp(args.device)
-    torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-step generator
-    master = rank == 0
-    resume = weights.latest_checkpoint(args.out)
-    check_resume(args, resume)
-    if args.resume and resume is None and master:
-        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
-
-    # data first, shapes (quick start) or images: every image and caption is checked before a model is built
-    keys, key_weights = data.caption_keys(args.caption_keys)
-    table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else data.bucket_table(args.image_size)
-    encoders, skipped, records = None, 0, None
-    if dataset is None:
-        records, skipped = data.scan(args.data, keys)
-        dataset = data.ImageDataset(records, table)
-    elif callable(dataset):
-        dataset = dataset(args)
-    if args.cache and records is None:
-        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
-    data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)  # refuses a batch no bucket fills
-    if master:
-        print(f"train.py: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
-              f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
-    os.makedirs(args.out, exist_ok=True)
-    if callable(components) and master:
-        components = components(args)  # rank 0 writes them, the others read them after the barrier
-    if world > 1:
-        dist.barrier()
-    if callable(components):
-        components = components(args)
-    if components is not None and master:  # `sample.py --model <out>` then needs no flags; --vae is the run's VAE
-        vae_path = args.vae or components.get("vae")
-        hub.save_run_settings(args.out, dict(components, vae=vae_path), None if vae_path else args.pixel_scale)
-    if resume and not args.lora_rank:
-        model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
-    else:
-        model = build_model(args, device, config)
-    if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
-        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
-        if resume:
-            lora.load(model, resume)
-    cfg = model.config
-    model.gradient_checkpointing = args.grad_checkpoint
-    comps = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
-    if args.cache:
-        # the VAE and T5 enter by name, not loaded: a valid cache needs neither
-        fp = data.fingerprint(records, table, args.vae or args.components, args.components, cfg.caption_tokens)
-        index = os.path.join(args.cache, "index.json")
-        if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fp):
-            enc_img, enc_cap, _ = load_encoders(args, cfg.caption_tokens, device, comps())
-            data.build_cache(args.cache, records, table, fp, enc_img, enc_cap, rank, world)
-            if master:
-                y0, m0 = enc_cap([""])
-                save_file(dict(y=y0[0].cpu().contiguous(), mask=m0[0].cpu().contiguous()), os.path.join(args.cache, "null.safetensors"))
-            del enc_img, enc_cap  # free T5 and the VAE before training
-            if world > 1:
-                dist.barrier()
-            if master:
-                data.write_cache_index(args.cache, fp)
-            if world > 1:
-                dist.barrier()
-        dataset = data.CachedDataset(args.cache)
-        skipped += dataset.skipped
-        null = load_file(os.path.join(args.cache, "null.safetensors"))
-        y_null, m_null = null["y"], null["mask"]
-    else:
-        encoders = load_encoders(args, cfg.caption_tokens, device, comps())
-        y_null, m_null = (v[0].cpu() for v in encoders[1]([""]))
-    if args.preview_every:  # encode the preview prompts now: T5 need not stay in memory
-        enc = encoders or load_encoders(args, cfg.caption_tokens, device, comps())
-        y_prev, m_prev = enc[1](args.preview_prompts.split("|"))
-        decode, latent_hw = enc[2], (cfg.sample_size, cfg.sample_size)
-        del enc
-    # caption dropout uses T5(""): the same null caption as diffusers' sampling pipeline uses for CFG
-    model.y_embedder.y_embedding.copy_(y_null.to(model.y_embedder.y_embedding))
-    y_null, m_null = y_null.to(device), m_null.to(device)
-    sampler = data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)
-
-    # optimisation
-    global_batch = args.batch_size * world * args.grad_accum
-    lr = args.lr * math.sqrt(global_batch / 256) if args.lr_scaling else args.lr  # official 'sqrt' auto-lr
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "came":
-        opt = CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    step = 0
-    if resume:
-        try:
-            state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
-        except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
-            raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
-                             "an earlier step_N folder") from None
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if ema is not None:
-            ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
-        if state["global_batch"] != global_batch and master:
-            print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
-        if master:
-            print(f"resumed from {resume} at step {step}")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    stream = data.micro_batches(dataset, sampler, step * args.grad_accum, args.workers)
-    if resume and master:
-        cut_log(os.path.join(args.out, "log.jsonl"), step)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    B, G, seen, t_last = args.batch_size, args.batch_size * world, 0, time.time()
-    while step < args.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
-        stats = torch.zeros(4, device=device)  # loss, mse, vb, images
-        for micro in range(args.grad_accum):
-            k = step * args.grad_accum + micro  # global micro-batch number: keys all randomness below
-            epoch, items = next(stream)
-            keep = [i for i, it in enumerate(items) if it is not None]
-            skipped += len(items) - len(keep)
-            items = [items[i] for i in keep]
-            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
-            sl = torch.tensor([rank * B + i for i in keep], device=device)  # this rank's rows of the global draw
-            t = torch.randint(0, diffusion.NUM_TIMESTEPS, (G,), generator=g, device=device)[sl]
-            drop = (torch.rand(G, generator=g, device=device) < args.caption_dropout)[sl]
-            choice = torch.multinomial(key_weights.to(device).expand(G, -1), 1, generator=g)[sl, 0].tolist()
-            if "latent" in items[0]:  # cached features
-                x0 = torch.stack([it["latent"] for it in items]).to(device)
-                y, mask = (v.to(device) for v in data.pad_tokens([it["y"][c] for it, c in zip(items, choice)], cfg.caption_tokens))
-            else:
-                with torch.no_grad():
-                    x0 = encoders[0](torch.stack([it["image"] for it in items]))
-                    y, mask = encoders[1]([it["captions"][c] for it, c in zip(items, choice)])
-            noise = torch.randn((G, *x0.shape[1:]), generator=g, device=device)[sl]
-            y = torch.where(drop[:, None, None], y_null.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
-            mask = torch.where(drop[:, None], m_null.to(mask.dtype), mask)
-            sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    out = diffusion.training_losses(net, x0, t, y, mask, noise)
-                (out["loss"].mean() / args.grad_accum).backward()
-            stats += torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(), out["loss"].new_tensor(len(items))]).detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
-        step += 1
-        seen += G * args.grad_accum
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            if world > 1:
-                dist.all_reduce(stats)
-            n, now = stats[3].item(), time.time()
-            rec = dict(step=step, epoch=epoch, loss=stats[0].item() / n, mse=stats[1].item() / n, vb=stats[2].item() / n,
-                       lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), images_per_s=seen / (now - t_last),
-                       skipped_images=skipped)
-            seen, t_last = 0, now
-            if master:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.1f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-        if step % args.save_every == 0 or step == args.steps:
-            if master:
-                path = save_state(args.out, step, model, ema, opt, dict(global_batch=global_batch, seed=args.seed,
-                                  epoch=epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
-                if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
-                    preview(ema or model, y_prev, m_prev, y_null, m_null, decode, latent_hw,
-                            os.path.join(path, "preview.png"), args.preview_sampler,
-                            pixels=args.vae_factor == 1 and args.pixel_scale)
-            if world > 1:
-                dist.barrier()
-    bar.close()
-    if master:
-        prompt = args.preview_prompts.split("|")[0]
-        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
-              f"    python sample.py --model {args.out} \"{prompt}\"")
-    if world > 1:
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()
-    return model
-
-
-@torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
-    """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
-    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes)."""
-    model.eval()
-    rows = []
-    for p in range(len(y)):
-        g = torch.Generator().manual_seed(seed + p)
-        x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
-        fn = diffusion.guided(model, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
-                              y_null, m_null, cfg)
-        fn = diffusion.clip_denoised(fn, pixels) if pixels else fn
-        x = diffusion.dpm_solver(fn, x, 20, False) if sampler == "dpm" else diffusion.ancestral(fn, x, 100, g, False)
-        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
-    model.train()
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
-    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
-    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
-
-
-def parse_args(argv=None, defaults=None, need_data=True):
-    # no abbreviated flags: check_args must see every flag given, as typed
-    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
-    a = p.add_argument
-    hidden = lambda text: text if need_data else argparse.SUPPRESS  # refused when the caller brings the dataset
-    a("--data", help=hidden("folder of images + same-name .txt captions, or a .jsonl manifest"))
-    a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
-    a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
-    a("--no-buckets", action="store_true", help="one square bucket of --image-size instead of the 40 aspect ratios")
-    a("--cache", help=hidden("feature cache folder: encode once with T5 + VAE, then train without them"))
-    a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
-    a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
-    a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
-                                        "a diffusers folder, our .safetensors or a train.py run (latest; EMA weights if kept)")
-    a("--config", default="1024", choices=list(sigma.CONFIGS), help="architecture for --init scratch: a released config name")
-    a("--caption-tokens", type=int, default=300, help="T5 tokens per caption (PixArt-α used 120, Σ 300)")
-    a("--pe-interpolation", type=float, help="position-embedding scale (default: the init's, × new/old size when --image-size changes it)")
-    a("--kv-compress-layers", default="", help="add KV compression: 'deep' (paper), '14-27', '3,5'")
-    a("--kv-compress-ratio", type=int, help="keys/values merged ratio×ratio (default 2)")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen --init model (0: all weights);"
-                                               " defaults then: AdamW, lr 1e-4 unscaled, clip 1, warmup 100")
-    a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
-    a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
-                                               "embedders, adaLN and output, as the official LoRA script) or a list")
-    a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
-    a("--resume", action="store_true", help="continue from --out/latest (same command line)")
-    a("--steps", type=int, default=1000, help="optimizer steps in total")
-    a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", default="came", choices=["came", "adamw"], help="CAME as the official configs, or AdamW")
-    a("--lr", type=float, default=2e-5, help="base learning rate at a total batch of 256")
-    a("--no-lr-scaling", dest="lr_scaling", action="store_false", help="use --lr as is, not × √(batch/256)")
-    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    a("--warmup", type=int, default=1000, help="linear warmup steps (official: 1000; 500 for the KV stage)")
-    a("--clip", type=float, default=0.01, help="gradient-norm clip (official 0.01)")
-    a("--caption-dropout", type=float, default=0.1, help="probability of the null caption (for CFG)")
-    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999 (0 = off, as the official Sigma trainer)")
-    a("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
-    a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--seed", type=int, default=0, help="seed of the data order and of the noise")
-    a("--workers", type=int, default=4, help="data-loading processes per rank")
-    a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
-    a("--log-every", type=int, default=10, help="log every N steps")
-    a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
-    a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
-      help="'|'-separated preview prompts")
-    a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
-    a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
-    a("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
-    if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
-        p.set_defaults(**lora.TRAIN_DEFAULTS)
-    args = p.parse_args(argv)
-    if need_data and not args.data:
-        p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
-    if not need_data and args.data:
-        p.error("--data: this entry point trains on its own dataset; use train.py for your images")
-    return args
-
-
-def check_args(args, argv, own_components=False):
-    """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
-    as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
-    cli.check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
-                                                                 "--log-every", "--image-size", "--caption-tokens")]
-                     + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
-                                                             "--weight-decay")]
-                     + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
-                        ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
-                        ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
-                        ("--kv-compress-ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")])
-    no_effect = {"--kv-compress-ratio": (not args.kv_compress_layers, "needs --kv-compress-layers"),  # flag: (useless?, why)
-                 "--preview-prompts": (not args.preview_every, "needs --preview-every N"),
-                 "--preview-sampler": (not args.preview_every, "needs --preview-every N"),
-                 "--config": (args.init != "scratch", "applies to --init scratch only"),
-                 "--pixel-scale": (args.vae_factor != 1, "applies to pixel-space models (no VAE) only"),
-                 "--components": (own_components, "is set by this entry point"),
-                 "--vae": (args.vae_factor == 1, "has no use in pixel space")}
-    for flag, (useless, why) in no_effect.items():
-        if flag in given and useless:
-            raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
-    if args.preview_every % args.save_every and args.preview_every < args.steps:  # previews are drawn with checkpoints
-        if "--preview-every" in given:
-            raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
-                             f"of --save-every {args.save_every}")
-        if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
-            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
-                  f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
-    if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
-        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
-                         f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
-    if not args.no_buckets:
-        data.bucket_table(args.image_size)  # its message names --no-buckets
-    data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
-    if args.kv_compress_layers:  # the syntax now; the blocks against the model's depth once it is known
-        hub.parse_layers(args.kv_compress_layers)
-    if not any(q.strip() for q in args.preview_prompts.split("|")):
-        raise ValueError("--preview-prompts: give one or more prompts separated by '|'")
-    for flag, path in (("--out", args.out), ("--cache", args.cache)):
-        if path and os.path.isfile(path):
-            raise ValueError(f"{flag} {path} is a file: give a folder (created if missing)")
-    for flag, path in (("--data", args.data), ("--vae", args.vae)):
-        if path and not os.path.exists(path):
-            raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
-                             if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
-    if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
-        hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
-    hub.check_components(args.components)
-    if args.device:
-        cli.parse_device(args.device)
 
 
 def cut_log(path, step):

@@ -50,8 +50,8 @@ def wobbly_model(x, t):
 
 
 def test_schedule():
-    assert torch.allclose(diffusion.betas(), BETA, rtol=1e-12) and diffusion.betas().dtype == torch.float64
-    assert torch.allclose(diffusion.alphas_cumprod(), AC, rtol=1e-12)
+    assert torch.allclose(diffusion.BETAS, BETA, rtol=1e-12) and diffusion.BETAS.dtype == torch.float64
+    assert torch.allclose(diffusion.ALPHAS_CUMPROD, AC, rtol=1e-12)
     x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
     a2 = AC[t].view(-1, 1, 1, 1).float()
     assert torch.allclose(diffusion.q_sample(x0, t, noise), a2.sqrt() * x0 + (1 - a2).sqrt() * noise, atol=1e-6)
@@ -178,6 +178,23 @@ def test_guided_batches_and_guides():
     assert calls == [N] and torch.allclose(out, model(x, t, y, mask))
     with pytest.raises(ValueError, match="null caption"):
         diffusion.guided(model, y, mask, torch.randn(L + 1, D), torch.ones(L + 1), 4.5)
+
+
+def test_sample_is_guidance_then_clipping_then_the_sampler():
+    """diffusion.sample, the recipe sample.py, train.py's preview and the quick start share, is exactly its parts."""
+    y, mask, y_null, mask_null = torch.randn(2, 3, 4), torch.ones(2, 3), torch.zeros(3, 4), torch.ones(3)
+    model = lambda x, t, y, mask: wobbly_model(x, t) * (1 + y.mean((1, 2)).view(-1, 1, 1, 1))
+    noise = torch.randn(2, 4, 3, 3)
+    fn = diffusion.clip_denoised(diffusion.guided(model, y, mask, y_null, mask_null, 4.5), 0.5)
+    got = diffusion.sample(model, noise, y, mask, y_null, mask_null, "dpm", 7, 4.5, clip_x0=0.5, progress=False)
+    assert torch.equal(got, diffusion.dpm_solver(fn, noise, 7, progress=False)) and got.abs().max() <= 0.5 + 1e-6
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    got = diffusion.sample(model, noise, y, mask, y_null, mask_null, "ancestral", 9, 2.0, generator=gens, progress=False)
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    fn = diffusion.guided(model, y, mask, y_null, mask_null, 2.0)
+    assert torch.equal(got, diffusion.ancestral(fn, noise, 9, gens, progress=False))
+    with pytest.raises(ValueError, match="'dpm' or 'ancestral'"):
+        diffusion.sample(model, noise, y, mask, y_null, mask_null, "euler")
 
 
 def gaussian_kl_bits(m1, logv1, m2, logv2):

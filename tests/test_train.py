@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cli
 import data
 import diffusion
 import quickstart
 import sigma
+import sizes
 import t5
 import tokenizer
 import train
@@ -72,11 +74,11 @@ def test_came_matches_came_pytorch():
 
 # ---------------------------------------------------------------------------------------------- buckets and data
 def test_nearest_bucket_and_crop():
-    table = data.bucket_table(1024)
+    table = sizes.bucket_table(1024)
     assert len(table) == 40
     for (h, w), key in {(1024, 1024): "1.0", (1080, 1920): "0.57", (1920, 1080): "1.75", (600, 2400): "0.25",
                         (4000, 900): "4.0", (768, 1152): "0.68", (1000, 820): "1.21"}.items():
-        assert data.nearest_bucket(h, w, table) == key, (h, w)
+        assert sizes.nearest_bucket(h, w, table) == key, (h, w)
     # a 100×300 image: red left third, green middle, blue right -> 256×256 keeps only the green middle
     img = np.zeros((100, 300, 3), np.uint8)
     img[:, :100, 0], img[:, 100:200, 1], img[:, 200:, 2] = 255, 255, 255
@@ -86,7 +88,7 @@ def test_nearest_bucket_and_crop():
     x = data.resize_cover_crop(Image.fromarray(img), (176, 352))  # nearly its own ratio: all three colours
     assert x.shape == (3, 176, 352) and x[0, :, :20].mean() > 0.9 and x[2, :, -20:].mean() > 0.9
     with pytest.raises(ValueError, match="--image-size 300: no official bucket table"):
-        data.bucket_table(300)
+        sizes.bucket_table(300)
 
 
 def test_sampler_one_bucket_per_batch_disjoint_shards_reshuffled():
@@ -128,7 +130,7 @@ def test_folder_and_manifest_skip_corrupt_images(tmp_path):
     records, skipped = data.scan(str(tmp_path))
     assert skipped == 2 and [os.path.basename(r["image"]) for r in records] == ["a.png", "b.png", "c.png"]
     assert records[0]["captions"] == ["caption a"] and (records[0]["height"], records[0]["width"]) == (64, 128)
-    ds = data.ImageDataset(records, data.bucket_table(256))
+    ds = data.ImageDataset(records, sizes.bucket_table(256))
     assert ds.buckets == ["0.5", "2.0", "1.0"]
     assert ds[0]["image"].shape == (3, 176, 352) and ds[1]["image"].shape == (3, 352, 176)
     manifest = tmp_path / "m.jsonl"
@@ -144,7 +146,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
         write_png(tmp_path / f"{i}.png", h, w, (40 * i, 100, 200))
         (tmp_path / f"{i}.txt").write_text("word " * (i + 1))
     records, _ = data.scan(str(tmp_path))
-    table = data.bucket_table(256)
+    table = sizes.bucket_table(256)
     calls = []
     enc_img = lambda x: (calls.append(len(x)), torch.nn.functional.avg_pool2d(x, 8)[:, :2])[1]  # stand-in "VAE"
     enc_cap = lambda caps: (torch.stack([torch.full((6, 3), float(len(c))) for c in caps]),
@@ -160,7 +162,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
     assert not data.build_cache(cache, records, table, fp, enc_img, enc_cap)  # up to date: nothing encoded
     assert sum(calls) == 3
     for other in (data.fingerprint(records, table, "vae-B", "t5", 6),  # new VAE
-                  data.fingerprint(records, data.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
+                  data.fingerprint(records, sizes.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
         assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
 
 
@@ -170,13 +172,13 @@ def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path)
     for i in range(2):
         write_png(tmp_path / f"{i}.png", 64, 96, (100, 50 * i, 0))
         (tmp_path / f"{i}.txt").write_text(f"caption {i}")
-    table = data.bucket_table(256)
+    table = sizes.bucket_table(256)
     fp = lambda records=None, table=table, vae="vae", t5="t5", tokens=300: data.fingerprint(
         records or data.scan(str(tmp_path))[0], table, vae, t5, tokens)
     base = fp()
     assert fp() == base  # a pure function of its inputs
     changed = {"VAE": fp(vae="other-vae"), "T5 / components": fp(t5="other-t5"), "caption length": fp(tokens=120),
-               "resolution": fp(table=data.bucket_table(512)), "buckets": fp(table={"1.0": (256, 256)}),
+               "resolution": fp(table=sizes.bucket_table(512)), "buckets": fp(table={"1.0": (256, 256)}),
                "an image fewer": fp(data.scan(str(tmp_path))[0][:1])}
     (tmp_path / "1.txt").write_text("another caption")
     changed["captions"] = fp()
@@ -216,11 +218,11 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert png.size == (16, 16) and png.text["parameters"].startswith(prompt + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
     assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = weights.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
-    args = train.parse_args(run_args(run), quickstart.DEFAULTS, need_data=False)
-    encode_captions, decode = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))[1:]
-    y, mask = encode_captions([prompt])
-    y_null, m_null = (v[0] for v in encode_captions([""]))
-    train.preview(model, y, mask, y_null, m_null, decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
+    args = cli.parse_train_args(run_args(run), quickstart.DEFAULTS, need_data=False)
+    encoders = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))
+    y, mask = encoders.captions([prompt])
+    y_null, m_null = (v[0] for v in encoders.captions([""]))
+    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
     expected = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[::8, ::8]  # tiles drawn 8x larger
     got = np.asarray(png.convert("RGB"), dtype=np.int16)
     assert got.std() > 5 and np.abs(got - expected).max() <= 1
@@ -419,7 +421,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert max_diff(r0, r1) == 0.0  # identical on both ranks
     single = snapshot(quickstart.train(run_args(tmp_path / "one", "--batch-size", 4, *common)))
-    args = train.parse_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
+    args = cli.parse_train_args(run_args(tmp_path / "zero"), quickstart.DEFAULTS, need_data=False)
     torch.manual_seed(args.seed)  # as train.main before it builds the model
     init = snapshot(train.build_model(args, torch.device("cpu"), sigma.SigmaConfig(**quickstart.DIT)))
     assert max_diff(single, init) > 1e-3  # it trained
@@ -489,7 +491,7 @@ def test_stage_new_vae_starts_from_pixart_alpha(tmp_path):
     sd |= {"csize_embedder.mlp.0.weight": torch.randn(64, 256), "ar_embedder.mlp.0.weight": torch.randn(64, 256),
            "pos_embed": torch.zeros(1, 64, 64)}  # α-1024-MS extras; pos_embed: 8×8 tokens = a 16-latent grid
     torch.save({"state_dict": sd}, tmp_path / "alpha.pth")
-    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "alpha.pth"), "--image-size", "128",
+    args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "alpha.pth"), "--image-size", "128",
                              "--caption-tokens", "16"])
     model = train.build_model(args, torch.device("cpu"))
     assert model.config.caption_tokens == 16 and model.y_embedder.y_embedding.shape == (16, 32)
@@ -504,7 +506,7 @@ def test_stage_higher_resolution_recomputes_positions(tmp_path):
     cfg = sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, caption_tokens=16,
                             sample_size=16, pe_interpolation=1.0)
     weights.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
-    args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
+    args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", "256",
                              "--caption-tokens", "16", "--pe-interpolation", "2"])
     model = train.build_model(args, torch.device("cpu"))
     assert (model.config.sample_size, model.config.pe_interpolation) == (32, 2.0)
@@ -522,7 +524,7 @@ def test_stage_higher_resolution_keeps_the_position_span(tmp_path):
         cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=16, caption_tokens=4,
                                 sample_size=pixels // factor, pe_interpolation=base_pe)
         weights.save_checkpoint(sigma.PixArtSigma(cfg), str(tmp_path / "low.safetensors"))
-        args = train.parse_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
+        args = cli.parse_train_args(["--data", ".", "--init", str(tmp_path / "low.safetensors"), "--image-size", str(size),
                                  "--caption-tokens", "4"], dict(vae_factor=factor))
         model = train.build_model(args, torch.device("cpu"))
         assert (model.config.sample_size, model.config.pe_interpolation) == (size // factor, expected)
@@ -537,29 +539,36 @@ def imports(name):
 
 
 def test_the_product_never_imports_the_demo():
-    for name in ("sample", "train", "export", "hub", "weights", "lora", "sigma", "diffusion", "vae", "t5", "tokenizer",
-                 "sizes", "data", "came", "cli"):
-        assert "quickstart" not in imports(name), f"{name}.py imports quickstart.py"
+    """The quick start and the weak-to-strong experiment use the product; no product file imports either (and the
+    quick start does not import the experiment built on it)."""
+    import glob
+    demos = {"quickstart", "weak_to_strong"}
+    product = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(REPO, "*.py"))} - demos
+    assert {"sample", "train", "hub", "weights", "sigma", "diffusion", "vae", "t5", "sizes", "data", "came", "cli"} <= product
+    for name in product:
+        assert not imports(name) & demos, f"{name}.py imports {imports(name) & demos}"
+    assert "weak_to_strong" not in imports("quickstart")
 
 
 def test_the_model_files_import_no_file_io_and_no_cli():
     """The dependency runs CLIs -> weights.py / hub.py -> models: a model file reads no file and parses no flag."""
     for name in ("sigma", "t5", "vae", "diffusion"):
         found = imports(name) & {"weights", "hub", "cli", "sample", "train", "export", "lora", "data", "quickstart",
-                                 "safetensors", "huggingface_hub"}
+                                 "weak_to_strong", "safetensors", "huggingface_hub"}
         assert not found, f"{name}.py imports {sorted(found)}"
 
 
 def test_stage_kv_compression_starts_near_the_trained_loss(tmp_path, tiny):
     trained = quickstart.train(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0))
     ckpt = str(tmp_path / "step_0000060" / "model.safetensors")
-    args = train.parse_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"), quickstart.DEFAULTS, False)
+    args = cli.parse_train_args(run_args(tmp_path, "--init", ckpt, "--kv-compress-layers", "1"), quickstart.DEFAULTS, False)
     kv = train.build_model(args, torch.device("cpu"))
     assert kv.config.kv_compress_layers == (1,) and hasattr(kv.blocks[1].attn, "sr")
     scratch = sigma.PixArtSigma(trained.config)
     ds = quickstart.ShapesDataset(16)
     items = [ds[10_000 + i] for i in range(64)]
-    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"), quickstart.components(str(tmp_path)))[1]
+    text = train.load_encoders(args, trained.config.caption_tokens, torch.device("cpu"),
+                               quickstart.components(str(tmp_path))).captions
     y, mask = text([it["captions"][0] for it in items])
     x0 = torch.stack([it["image"] for it in items]) * args.pixel_scale  # what the quick start trains on
     g = torch.Generator().manual_seed(0)

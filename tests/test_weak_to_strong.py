@@ -1,4 +1,4 @@
-"""quickstart.py weak-to-strong: the tiny VAEs it trains, the --vae switch in a run's sample.json, and (slow) the
+"""weak_to_strong.py: the tiny VAEs it trains, the --vae switch in a run's sample.json, and (slow) the
 paper's weak-to-strong effect in miniature, end to end."""
 import json
 import os
@@ -10,12 +10,13 @@ import hub
 import quickstart
 import sigma
 import train
+import weak_to_strong
 import weights
 
 
 def test_tiny_vae_loads_with_unit_latents(tmp_path, one_thread):
     # diffusers' layout, read by weights.load_vae; scaling_factor makes the latents of images it never measured ~unit std
-    folder = quickstart.train_vae(str(tmp_path / "vae"), (8, 16), steps=3)
+    folder = weak_to_strong.train_vae(str(tmp_path / "vae"), (8, 16), steps=3)
     vae = weights.load_vae(folder)
     assert vae.factor == 2 and vae.config.block_out_channels == (8, 16) and vae.scaling_factor != 1.0
     x = torch.stack([quickstart.ShapesDataset(16)[10_000 + i]["image"] for i in range(64)])
@@ -26,22 +27,22 @@ def test_tiny_vae_loads_with_unit_latents(tmp_path, one_thread):
 def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
     # stage 1 trains with --vae over the components' VAE: sample.py --model <run> must decode with that one
     text = quickstart.components(str(tmp_path / "text"))
-    old, new = (quickstart.train_vae(str(tmp_path / name), (8, 16), steps=1, seed=i) for i, name in enumerate("ab"))
+    old, new = (weak_to_strong.train_vae(str(tmp_path / name), (8, 16), steps=1, seed=i) for i, name in enumerate("ab"))
     train.main(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--vae", new],
                dataset=quickstart.ShapesDataset(16), components=dict(text, vae=old),
-               config=sigma.SigmaConfig(**quickstart.W2S_DIT), defaults=quickstart.W2S_DEFAULTS)
+               config=sigma.SigmaConfig(**weak_to_strong.DIT), defaults=weak_to_strong.DEFAULTS)
     assert hub.run_settings(str(tmp_path / "run" / "step_0000001" / "ema.safetensors"))["vae"] == os.path.abspath(new)
 
 
 @pytest.mark.slow
 def test_weak_to_strong_fast_shows_the_effect(tmp_path, one_thread):
-    # `python quickstart.py weak-to-strong --fast` (15 min on 2 cores shared with 5 other jobs): the 32 px model
+    # `python weak_to_strong.py --fast` (15 min on 2 cores shared with 5 other jobs): the 32 px model
     # adapted from the 16 px one beats the same model trained from scratch at 32 px for as many steps by a clear
     # margin (measured 38.3 vs 13.3 at 200 steps); the KV model with its averaging-init conv, before any
     # fine-tuning, stays near the uncompressed model (30.0 vs 38.3; the full run: 38.3 vs 47.1). build_model
     # ignoring --init's weights fails the first. The second is a weak guard: on this tiny model, zeroing the
     # deep half's keys and values outright scores 37.5 (README, 'Weak-to-strong in miniature').
-    quickstart.main(["weak-to-strong", "--fast", "--out", str(tmp_path)])
+    weak_to_strong.main(["--fast", "--out", str(tmp_path)])
     results = json.load(open(tmp_path / "results.json"))
     resolution, kv = results["stages"]["resolution"], results["stages"]["kv"]
     adapted = {p["step"]: p["score"] for p in resolution["adapted"]}
