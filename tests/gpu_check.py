@@ -278,6 +278,15 @@ def random_dit(config, device, dtype):
     return model.to(dtype).eval()
 
 
+def three_dits(config, device, dtype):
+    """diffusers' DiT (None without diffusers), ours with the same weights, ours with KV compression in the deep half."""
+    ref = random_diffusers_dit(config, device, dtype) if HAVE_DIFFUSERS else None
+    ours = (weights.load_checkpoint(ref.state_dict(), config) if ref is not None
+            else random_dit(config, device, torch.float32)).to(dtype)
+    kv_config = dataclasses.replace(config, kv_compress_layers=sigma.deep_half(config.depth))
+    return ref, ours, weights.load_checkpoint(ours.state_dict(), kv_config).to(dtype)
+
+
 def dit_inputs(config, side, N, device, dtype, used=40):
     h = side // 8
     x = torch.randn(N, config.in_channels, h, h, device=device, dtype=dtype)
@@ -416,18 +425,13 @@ def speed_dit(c, compiled=False):
     """DiT forward, the CFG batch of 2, bf16, 40 of 300 caption tokens used: diffusers vs ours eager, ours with
     KV compression in the deep half (and with compiled=True: torch.compile of ours, plain and KV)."""
     dev, dtype = c.dev, torch.bfloat16
-    for side in (c.plan.sides[0], c.plan.sides[-1]) if compiled else c.plan.sides:  # compiling is slow: the ends
+    for side in dict.fromkeys((c.plan.sides[0], c.plan.sides[-1])) if compiled else c.plan.sides:  # compiling is slow: the ends
         config = dit_for(c.plan, side)
         cost = {1024: 8, 2048: 25, 4096: 90}.get(side, 1) * (3 if compiled else 1)
         c.need(cost, f"DiT forward {side}²")
         T = (side // 16) ** 2
         x, t, y, mask = dit_inputs(config, side, 2, dev.device, dtype)
-        ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
-        ours = (weights.load_checkpoint(ref.state_dict(), config) if ref is not None
-                else random_dit(config, dev.device, torch.float32)).to(dtype)
-        kv_config = dataclasses.replace(config, kv_compress_layers=sigma.deep_half(config.depth))
-        kv = weights.load_checkpoint(ours.state_dict(), kv_config)
-        kv = kv.to(dtype)
+        ref, ours, kv = three_dits(config, dev.device, dtype)
         reps = (3, 1) if side <= 2048 else (2, 1)
         with torch.no_grad():
             t_ref = None
@@ -502,12 +506,7 @@ def speed_pipeline(c):
     for side in plan.sides:
         config = dit_for(plan, side)
         c.need({1024: 15, 2048: 45, 4096: 150}.get(side, 1), f"pipeline {side}²")
-        ref = random_diffusers_dit(config, dev.device, dtype) if HAVE_DIFFUSERS else None
-        ours = (weights.load_checkpoint(ref.state_dict(), config) if ref is not None
-                else random_dit(config, dev.device, torch.float32)).to(dtype)
-        kv_config = dataclasses.replace(config, kv_compress_layers=sigma.deep_half(config.depth))
-        kv = weights.load_checkpoint(ours.state_dict(), kv_config)
-        kv = kv.to(dtype)
+        ref, ours, kv = three_dits(config, dev.device, dtype)
         warm, reps = (1, 2) if side <= 1024 else (0, 1)  # a 4096² image takes most of a minute: once is enough
         t_ref = ref_peak = ref_phases = None
         if ref is not None:
@@ -806,6 +805,7 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true", help="tiny configs on the CPU: the same code paths, < 1 minute")
     p.add_argument("--only", help="comma-separated sections (default: all, in order)")
     p.add_argument("--budget", type=float, help="seconds for the whole check (default: 450 on a GPU, 120 dry)")
+    p.add_argument("--sides", help="comma-separated image sides to time instead of the plan's (e.g. 1024)")
     p.add_argument("--list", action="store_true", help="print the sections and exit")
     args = p.parse_args(argv)
     names = [n for n, _, _ in SECTIONS]
@@ -818,6 +818,8 @@ def main(argv=None):
     if not args.dry and not torch.cuda.is_available():
         p.error("no CUDA device here: run it on a GPU machine, or --dry for the CPU rehearsal")
     plan, dev = (DRY, Host()) if args.dry else (FULL, Cuda())
+    if args.sides:
+        plan = dataclasses.replace(plan, sides=tuple(int(v) for v in args.sides.split(",")))
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "gpu_check.log"), "w")
     stdout = sys.stdout
