@@ -32,3 +32,19 @@ def test_gpu_check_refuses_bad_sections_and_a_missing_gpu(tmp_path):
     res = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert res.returncode == 2 and "no CUDA device here" in res.stderr
+
+
+def test_without_diffusers_ours_is_timed_alone(tmp_path):
+    """The GPU machine may lack diffusers: the check then times ours alone and says so, and the parity checks that
+    need it are skipped by name, not failed."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "diffusers.py").write_text("raise ImportError('hidden for this test')\n")
+    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--dry", "--out", str(tmp_path / "out"),
+                          "--only", "env,dit,forward", "--sides", "64"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path / "hide")))
+    report = json.load(open(tmp_path / "out" / "gpu_check.json"))
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "diffusers NOT INSTALLED (ours alone)" in res.stdout
+    assert report["sections"]["dit"]["status"] == "skipped: diffusers not installed"
+    forward = [r for r in report["rows"] if r["section"] == "forward"]
+    assert len(forward) == 2 and all(r["ref"] is None and r["ours"] > 0 for r in forward)
