@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from PIL import Image
 from tqdm import tqdm
 
@@ -384,26 +384,29 @@ def load_encoders(args, caption_tokens, device, comps):
 
 
 def feature_cache(args, records, table, caption_tokens, resolve_components, device, rank, world):
-    """--cache: --data's VAE latents and T5 features, encoded now (every rank its shards) unless the cache already
-    holds them for these images, captions, components, buckets and caption length -> (data.CachedDataset, the null
-    caption T5("") stored beside them). Training then needs neither T5 nor the VAE."""
+    """--cache: --data's VAE latents and T5 features and the null caption T5(""), encoded now (every rank a share) where
+    the cache lacks them for these images, captions, components, buckets and caption length, or holds them damaged
+    (data.cache_problems; said in one line) -> (data.CachedDataset, the null caption). Training then needs neither T5
+    nor the VAE."""
     # the VAE and T5 enter by name, not loaded: a valid cache needs neither
     fingerprint = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
-    index = os.path.join(args.cache, "index.json")
-    if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fingerprint):
-        encoders = load_encoders(args, caption_tokens, device, resolve_components())
-        data.build_cache(args.cache, records, table, fingerprint, encoders.images, encoders.captions, rank, world)
+    problems = data.cache_problems(args.cache, len(records), fingerprint)  # the same files: the same on every rank
+    if world > 1:
+        dist.barrier()  # every rank has looked before any writes
+    if problems:
         if rank == 0:
-            y, mask = encoders.captions([""])
-            save_file(dict(y=y[0].cpu().contiguous(), mask=mask[0].cpu().contiguous()),
-                      os.path.join(args.cache, "null.safetensors"))
+            print(f"cache {args.cache}: encoding {len(problems)} files: " + "; ".join(
+                  f"{name} {why}" for name, why in list(problems.items())[:3]) + " ..." * (len(problems) > 3))
+        encoders = load_encoders(args, caption_tokens, device, resolve_components())
+        data.build_cache(args.cache, records, table, fingerprint, encoders.images, encoders.captions, problems, rank, world)
         del encoders  # free T5 and the VAE before training
         if world > 1:
             dist.barrier()
-        if rank == 0:
-            data.write_cache_index(args.cache, fingerprint)
-        if world > 1:
-            dist.barrier()
+    index = os.path.join(args.cache, "index.json")
+    if rank == 0 and (problems or not os.path.exists(index) or json.load(open(index))["fingerprint"] != fingerprint):
+        data.write_cache_index(args.cache, fingerprint)
+    if world > 1:
+        dist.barrier()
     null = load_file(os.path.join(args.cache, "null.safetensors"))
     return data.CachedDataset(args.cache), Caption(null["y"], null["mask"])
 

@@ -153,17 +153,21 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
                             torch.tensor([[1] * (len(c.split()) + 1) + [0] * (5 - len(c.split())) for c in caps]))
     cache = str(tmp_path / "cache")
     fp = data.fingerprint(records, table, "vae-A", "t5", 6)
-    assert data.build_cache(cache, records, table, fp, enc_img, enc_cap, shard_size=2)
+    build = lambda fp: data.build_cache(cache, records, table, fp, enc_img, enc_cap,
+                                        data.cache_problems(cache, 3, fp, shard_size=2), shard_size=2)
+    assert set(data.cache_problems(cache, 3, fp, shard_size=2)) == {"shard_00000.safetensors", "shard_00001.safetensors",
+                                                                   "null.safetensors"}
+    build(fp)
     data.write_cache_index(cache, fp)
     ds = data.CachedDataset(cache)
     assert len(ds) == 3 and ds.buckets == ["0.5", "2.0", "1.0"]
     item = ds[2]
     assert item["latent"].shape == (2, 32, 32) and item["y"][0].shape == (4, 3)  # valid tokens only: 3 words + eos
-    assert not data.build_cache(cache, records, table, fp, enc_img, enc_cap)  # up to date: nothing encoded
-    assert sum(calls) == 3
+    build(fp)  # up to date: nothing encoded
+    assert sum(calls) == 3 and not data.cache_problems(cache, 3, fp, shard_size=2)
     for other in (data.fingerprint(records, table, "vae-B", "t5", 6),  # new VAE
                   data.fingerprint(records, sizes.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
-        assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
+        assert other != fp and len(data.cache_problems(cache, 3, other, shard_size=2)) == 3
 
 
 def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path):
