@@ -1,0 +1,156 @@
+"""checkpoints.py: a training run's folder. kill -9 during a save and at every filesystem step of one: `latest` always
+names a complete checkpoint, and --resume continues the run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoints
+import quickstart
+import sigma
+import weights
+from test_train import REPO, max_diff, run_args, snapshot, tiny  # noqa: F401 (tiny: a fixture)
+
+
+# ---------------------------------------------------------------------------------------------- kill -9 and torn saves
+def test_resume_after_a_kill_logs_each_step_once(tmp_path, tiny, capsys):
+    """Killed after logging step 3 (and half of step 4's line) but before saving it: --resume trains 3 again from the
+    step-2 checkpoint, and log.jsonl is cut back to step 2 first, so it reads as one run, equal to a straight one."""
+    quickstart.train(run_args(tmp_path / "a", "--steps", 4))
+    run = tmp_path / "b"
+    quickstart.train(run_args(run, "--steps", 3, "--save-every", 2))
+    shutil.rmtree(run / "step_0000003")
+    (run / "latest").write_text("step_0000002")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    capsys.readouterr()
+    quickstart.train(run_args(run, "--steps", 4, "--resume"))
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == [r["loss"] for r in ref]
+    out = capsys.readouterr().out  # where the run goes at the start; how to use it at the end
+    assert f"train.py: run folder {run}: a checkpoint every 1000 steps and at step 4" in out
+    assert f'python sample.py --model {run} "a red circle on a blue background"' in out
+    assert f"python quickstart.py score {run}" in out
+
+
+def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
+    quickstart.train(run_args(tmp_path, "--steps", 2, "--save-every", 2))
+    good = snapshot(weights.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
+
+    def broken_save(obj, path):  # dies half-way through writing the trainer state
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        quickstart.train(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
+    monkeypatch.undo()
+    assert open(tmp_path / "latest").read() == "step_0000002"
+    latest = weights.latest_checkpoint(str(tmp_path))
+    assert max_diff(good, snapshot(weights.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
+    assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
+    quickstart.train(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
+    assert open(tmp_path / "latest").read() == "step_0000003"
+    # killed between renaming step_0000004 into place and moving `latest` to it: the resumed run redoes the step
+    # and its save replaces that folder, and `latest` moves on
+    os.makedirs(tmp_path / "step_0000004")
+    quickstart.train(run_args(tmp_path, "--steps", 4, "--resume"))
+    assert open(tmp_path / "latest").read() == "step_0000004"
+    assert torch.load(tmp_path / "step_0000004" / "trainer.pt", weights_only=True)["step"] == 4
+
+
+class CrashAt:
+    """Makes the n-th filesystem operation of checkpoints.save_state fail (n = None: count them): os.replace, os.makedirs
+    and shutil.rmtree raise before acting (rmtree after removing one file), file writes (open for writing,
+    torch.save, safetensors' save_file) leave a torn file behind, as a kill -9 at that moment would."""
+
+    def __init__(self, monkeypatch, n=None):
+        import builtins
+        self.n, self.calls = n, []
+        wrap = lambda name, fn, torn: lambda *a, **k: self.step(name, fn, torn, *a, **k)
+        for module, name, torn in [(os, "replace", None), (os, "makedirs", None), (shutil, "rmtree", "rmtree"),
+                                   (torch, "save", 1), (weights, "save_file", 1)]:  # weights.py writes the safetensors
+            monkeypatch.setattr(module, name, wrap(name, getattr(module, name), torn))
+        monkeypatch.setattr(checkpoints, "open", wrap("open", builtins.open, 0), raising=False)  # its own writes
+
+    def step(self, name, fn, torn, *args, **kwargs):
+        if name == "open" and "w" not in (args[1] if len(args) > 1 else kwargs.get("mode", "r")):
+            return fn(*args, **kwargs)  # reading `latest` is no filesystem change
+        self.calls.append(name)
+        if self.n is not None and len(self.calls) - 1 == self.n:
+            if torn == "rmtree":  # half-deleted: one file gone
+                for d, _, files in os.walk(args[0]):
+                    if files:
+                        os.remove(os.path.join(d, files[0]))
+                        break
+            elif torn is not None:  # a torn file at the path argument of open / torch.save / save_file
+                with open(args[torn], "wb") as f:
+                    f.write(b"torn")
+            raise KeyboardInterrupt(f"killed at {name} (filesystem step {self.n})")
+        return fn(*args, **kwargs)
+
+
+def test_save_state_crash_at_every_filesystem_step_keeps_latest_loadable(tmp_path, monkeypatch):
+    """A checkpoint of step 1 exists; saving step 2 (keep=1: step 1 is deleted after) dies at filesystem step n,
+    for every n: `latest` must name a complete checkpoint (model, EMA, trainer state of one step), and the
+    save redone afterwards must complete."""
+    cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=8, caption_tokens=4, sample_size=8)
+    models = {s: sigma.PixArtSigma(cfg) for s in (1, 2)}  # different random weights per step
+    opt = torch.optim.AdamW(models[1].parameters())
+
+    def save(out, step):
+        return checkpoints.save_state(str(out), step, models[step], models[step], opt, dict(global_batch=1), keep=1)
+
+    def check_latest(out):
+        latest = weights.latest_checkpoint(str(out))
+        step = int(os.path.basename(latest).split("_")[1])
+        for name in ("model", "ema"):
+            loaded = weights.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
+            assert max_diff(loaded, snapshot(models[step])) == 0, (latest, name)
+        assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == step
+        return step
+
+    save(tmp_path / "count", 1)
+    counter = CrashAt(monkeypatch)
+    save(tmp_path / "count", 2)
+    monkeypatch.undo()
+    assert len(counter.calls) >= 8 and {"replace", "open", "save", "save_file", "rmtree"} <= set(counter.calls)
+    survivors = []
+    for n in range(len(counter.calls)):
+        out = tmp_path / f"crash{n}"
+        save(out, 1)
+        CrashAt(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt):
+            save(out, 2)
+        monkeypatch.undo()
+        survivors.append(check_latest(out))
+        save(out, 2)  # the resumed run redoes the step and saves it again
+        assert check_latest(out) == 2 and sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_0000002"]
+    assert survivors[0] == 1 and survivors[-1] == 2  # crashes before and after `latest` moved were both tried
+
+
+def test_kill_9_never_corrupts_latest(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO, "quickstart.py"), "train", *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
+                                                                       "--keep", 2)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "step_0000003").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.37)  # somewhere in the middle of later steps and saves
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    latest = weights.latest_checkpoint(str(tmp_path))
+    assert latest is not None
+    model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
+    state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
+    assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
