@@ -17,6 +17,9 @@ import hub
 import lora
 import weights
 
+FIXED = ("optimizer",)  # flags --resume may not change: the optimizer state saved would not load
+NOT_RECORDED = ("out", "resume")  # where the record is, and the flag that reads it
+
 
 def save_state(out, step, model, ema, opt, extra, keep):
     """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
@@ -41,28 +44,43 @@ def save_state(out, step, model, ema, opt, extra, keep):
     return final
 
 
+def trainer_state(step, **load):
+    """A checkpoint folder's trainer.pt (optimizer state, step, data position, flags); damaged: one ValueError."""
+    try:
+        return torch.load(os.path.join(step, "trainer.pt"), weights_only=True, **load)
+    except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
+        raise ValueError(f"cannot read {step}/trainer.pt ({type(e).__name__}: {str(e).splitlines()[0]}); point the "
+                         "run's 'latest' at an earlier step_N folder") from None
+
+
+def recorded_flags(step):
+    """The flags the run of checkpoint folder `step` was trained with, {name: value} as in train.py's args; None for a
+    folder without trainer.pt (written by hand, or None). mmap: the optimizer state beside them is not read."""
+    if step is None or not os.path.isfile(os.path.join(step, "trainer.pt")):
+        return None
+    flags = trainer_state(step, map_location="cpu", mmap=True).get("args")
+    return {k: v for k, v in json.loads(flags).items() if k not in NOT_RECORDED} if flags else None
+
+
 def load_state(resume, opt, ema, device, global_batch, master):
     """--resume: the optimizer state and EMA weights of checkpoint folder `resume` (its model was loaded when main
     created the model) -> the step to continue from."""
-    try:
-        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
-    except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
-        raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
-                         "an earlier step_N folder") from None
+    state = trainer_state(resume, map_location=device)
     opt.load_state_dict(state["optimizer"])
     if ema is not None:
         ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
     if state["global_batch"] != global_batch and master:
         print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
-    if master:
-        print(f"resumed from {resume} at step {state['step']}")
     return state["step"]
 
 
-def check_resume(args, resume):
+def check_resume(args, resume, master):
     """--out's latest checkpoint (or None) against the flags: a run is continued only with --resume, to a later
-    --steps, and with the model it has: a flag that would change it is refused, not ignored."""
+    --steps, and with the model and optimizer it has: a flag that would change them is refused, not ignored. Rank 0
+    says which flags differ from the ones recorded in the checkpoint (cli.parse_train_args restored the others)."""
     if resume is None:
+        if args.resume and master:
+            print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
         return
     if not args.resume:  # a second run would mix its checkpoints with the first one's
         raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
@@ -70,6 +88,16 @@ def check_resume(args, resume):
     if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
         raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
                          "to train on")
+    flags = recorded_flags(resume) or {}
+    changed = {k: (flags[k], v) for k, v in vars(args).items() if k in flags and flags[k] != v}
+    for k in FIXED:
+        if k in changed:
+            raise ValueError(f"--{k} {changed[k][1]}: the run in {args.out} was trained with {changed[k][0]}, whose "
+                             "state --resume continues; give its value, or start a new run with --init " + resume)
+    if master:
+        said = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+        print(f"train.py: --resume: {args.out} continues from {os.path.basename(resume)} with its recorded flags"
+              + (f"; changed: {said}" if said else ""))
     if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
         return
     try:
@@ -103,13 +131,3 @@ def cut_log(path, step):
             pass
     with weights.atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
-
-
-def recorded_flags(step):
-    """The flags (train.py's args, a dict) that the run of checkpoint folder `step` recorded in its trainer.pt, or None.
-    mmap: the optimizer state beside them is not read."""
-    file = os.path.join(step, "trainer.pt")
-    if not os.path.isfile(file):
-        return None
-    args = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("args")
-    return json.loads(args) if args else None

@@ -10,12 +10,14 @@ import re
 
 import torch
 
+import checkpoints
 import data
 import diffusion
 import hub
 import lora
 import sigma
 import sizes
+import weights
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -143,7 +145,8 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
                                                "embedders, adaLN and output, as the official LoRA script) or a list")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
-    a("--resume", action="store_true", help="continue from --out/latest (same command line)")
+    a("--resume", action="store_true", help="continue from --out/latest with the flags recorded there (a flag "
+                                              "given again changes that one: --steps, --lr, ...)")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
     a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -173,6 +176,9 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
         p.set_defaults(**lora.TRAIN_DEFAULTS)
     args = p.parse_args(argv)
+    if args.resume and (flags := checkpoints.recorded_flags(weights.latest_checkpoint(args.out))):
+        p.set_defaults(**flags)  # the run's own flags, recorded in its latest checkpoint; flags given again still win
+        args = p.parse_args(argv)
     if need_data and not args.data:
         p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
     if not need_data and args.data:

@@ -72,9 +72,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-micro-batch generator
     master = rank == 0
     resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet
-    checkpoints.check_resume(args, resume)
-    if args.resume and resume is None and master:
-        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+    checkpoints.check_resume(args, resume, master)
 
     # Data: images (--data) or the caller's dataset, every image and caption checked before a model is built
     caption_keys, caption_weights = data.caption_keys(args.caption_keys)

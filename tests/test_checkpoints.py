@@ -154,3 +154,29 @@ def test_kill_9_never_corrupts_latest(tmp_path):
     model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
     assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
+
+
+# ---------------------------------------------------------------------------------------------- the run's flags
+def test_resume_continues_the_run_with_its_recorded_flags(tmp_path, tiny, capsys):
+    """A run started with --steps 6 --save-every 2 --lr 5e-4 --ema 0.9 and killed after its step-4 checkpoint:
+    `quickstart.py train --out X --resume` alone continues it with those flags, step for step as the run that was
+    not killed; a flag given again changes that one, and the start line says so; --optimizer cannot change (the
+    optimizer state would not load)."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    final = snapshot(quickstart.train(run_args(straight, "--steps", 6, "--save-every", 2, "--lr", 5e-4, "--ema", 0.9,
+                                               "--preview-every", 0)))
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "step_0000006")
+    (run / "latest").write_text("step_0000004")  # as a kill during step 6 leaves it
+    capsys.readouterr()
+    assert max_diff(snapshot(quickstart.train(["--out", str(run), "--resume"])), final) == 0
+    out = capsys.readouterr().out
+    assert f"train.py: --resume: {run} continues from step_0000004 with its recorded flags\n" in out
+    assert f"train.py: run folder {run}: a checkpoint every 2 steps and at step 6" in out
+    log, ref = ([json.loads(line) for line in open(r / "log.jsonl")] for r in (run, straight))
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref] and len(log) == 6
+    quickstart.train(["--out", str(run), "--resume", "--steps", "7", "--lr", "2.5e-4"])
+    assert "continues from step_0000006 with its recorded flags; changed: --steps 6 -> 7, --lr 0.0005 -> 0.00025\n" \
+           in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"--optimizer came: the run in {run} was trained with adamw"):
+        quickstart.train(["--out", str(run), "--resume", "--steps", "8", "--optimizer", "came"])
