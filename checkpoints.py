@@ -6,12 +6,18 @@
                        step, the data position and the run's flags), preview.png
         log.jsonl      one line per --log-every steps
         sample.json    the components to sample with (hub.save_run_settings)
+
+A run that stops early (stop) says why in one line and exits with status 1: too many steps in a row whose loss or
+gradient norm is not finite (diverged), weights that are not finite (save: they are never written).
 """
 import json
 import os
 import shutil
+import sys
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import hub
 import lora
@@ -19,6 +25,36 @@ import weights
 
 FIXED = ("optimizer",)  # flags --resume may not change: the optimizer state saved would not load
 NOT_RECORDED = ("out", "resume")  # where the record is, and the flag that reads it
+
+
+def stop(message, code=1):
+    """End the run: `message` on stderr (None: this rank says nothing, rank 0 does), exit status `code`. A SystemExit:
+    no `except Exception` swallows it, and a caller in the same process (the quick start, an experiment) stops too."""
+    if message:
+        tqdm.write(f"train.py: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def diverged(args, step, what, rank):
+    """Stop a run whose numbers are no longer finite, naming its last good checkpoint and what to change."""
+    stop(f"step {step}: {what}; the last good checkpoint is {weights.latest_checkpoint(args.out) or 'none yet'}: "
+         f"continue it with --resume and a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g})"
+         + (", or in float32 (without --bf16)" if args.bf16 else "") if rank == 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save(args, step, model, ema, opt, state, rank, world, device):
+    """The checkpoint of `step`, written by rank 0 (save_state) -> its folder. Weights that are not finite are never
+    written, so --keep never deletes a good checkpoint to make room for them: the run stops on every rank (all hold
+    the same weights)."""
+    for name, tensor in ((k, v) for m in (model, ema) if m is not None for k, v in m.state_dict().items()):
+        if not tensor.isfinite().all():
+            diverged(args, step, f"the weights are not finite ({name}), so they are not saved", rank)
+    if rank == 0:
+        save_state(args.out, step, model, ema, opt, dict(state, args=json.dumps(vars(args))), args.keep)
+    if world > 1:
+        dist.barrier()
+    return os.path.join(args.out, f"step_{step:07d}")
 
 
 def save_state(out, step, model, ema, opt, extra, keep):

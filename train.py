@@ -11,7 +11,7 @@ the very same loss curve without storing any RNG state.
 
 Reading order: main, in sections (Setup DDP, Data, Create model, Encoders, Create optimizer, Resume, Train); then
 train_step (one optimizer step) and training_batches (one micro-batch and its seeded randomness); then the helpers
-in the order main calls them. cli.py holds the flags and their checks, checkpoints.py the run's folder.
+in the order main calls them. cli.py holds the flags and their checks, checkpoints.py the run's folder and its stops.
 
     python quickstart.py train                                     # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
@@ -105,12 +105,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     model.y_embedder.y_embedding.copy_(null.y.to(model.y_embedder.y_embedding))
     null = Caption(null.y.to(device), null.mask.to(device))
     if args.preview_every:  # the preview prompts encoded now: T5 need not stay in memory
-        encode = encoders or load_encoders(args, tokens, device, resolve())
-        y, mask = encode.captions(args.preview_prompts.split("|"))
-        draw_preview = functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encode.decode,
-                                         hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
-                                         pixels=args.vae_factor == 1 and args.pixel_scale)
-        del encode
+        draw_preview = preview_drawer(args, model, encoders or load_encoders(args, tokens, device, resolve()), null)
 
     # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
     global_batch = args.batch_size * world * args.grad_accum
@@ -128,33 +123,33 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every
+    # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
+    # step whose loss or gradient is not finite changes nothing (train_step)
     batches = training_batches(args, dataset, step * args.grad_accum, encoders, null, caption_weights, tokens, rank,
                                world, device)
     if resume and master:
         checkpoints.cut_log(os.path.join(args.out, "log.jsonl"), step)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    images_since_log, log_time = 0, time.time()
-    while step < args.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
-        result = train_step(net, model, ema, opt, batches, args, world, autocast)
-        step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.time()
-            log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time), skipped, world)
-            images_since_log, log_time = 0, now
-        if step % args.save_every == 0 or step == args.steps:  # save: model, EMA, trainer state (and a preview)
-            if master:
-                path = checkpoints.save_state(args.out, step, model, ema, opt, dict(global_batch=global_batch, seed=args.seed,
-                                  epoch=result.epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
-                if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
+    images_since_log, log_time, nonfinite, in_a_row = 0, time.time(), 0, 0
+    with bar:
+        while step < args.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
+            result = train_step(net, model, ema, opt, batches, args, world, autocast)
+            step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
+            nonfinite, in_a_row = nonfinite + (not result.finite), count_skipped(result, step, in_a_row, args, rank)
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.time()
+                log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time),
+                         dict(skipped_images=skipped, skipped_steps=nonfinite))
+                images_since_log, log_time = 0, now
+            if step % args.save_every == 0 or step == args.steps:  # model, EMA, trainer state, a preview
+                path = checkpoints.save(args, step, model, ema, opt, dict(global_batch=global_batch, epoch=result.epoch,
+                                        micro_batch=step * args.grad_accum), rank, world, device)
+                if master and args.preview_every and (step % args.preview_every == 0 or step == args.steps):
                     draw_preview(ema or model, path=os.path.join(path, "preview.png"))
-            if world > 1:
-                dist.barrier()
-    bar.close()
 
     # Done: where the run is, and how to sample it
     if master:
@@ -179,15 +174,18 @@ class MicroBatch(NamedTuple):
 
 
 class StepResult(NamedTuple):
-    sums: torch.Tensor       # (4,) this rank's sums over the step of loss, mse, vb and the number of images
-    grad_norm: torch.Tensor  # before clipping
+    sums: torch.Tensor       # (4,) all ranks' sums over the step of loss, mse, vb and the number of images
+    grad_norm: torch.Tensor  # before clipping (the same on every rank: DDP averaged the gradients)
+    finite: bool             # False: the loss or the gradient norm was not, and the step was skipped
     epoch: int
     skipped: int
 
 
 def train_step(net, model, ema, opt, batches, args, world, autocast):
     """One optimizer step, as in DiT's train.py: --grad-accum micro-batches of this rank through the IDDPM loss and
-    backward (DDP averages the gradients over the ranks on the last one only), gradient clip, optimizer step, EMA."""
+    backward (DDP averages the gradients over the ranks on the last one only), gradient clip, optimizer step, EMA.
+    A step whose loss or gradient norm is not finite changes nothing (no weight, EMA or optimizer-state update); every
+    rank decides on the all-reduced loss and the averaged gradients, so all skip it together."""
     sums, skipped = 0, 0  # sums: a (4,) tensor from the first micro-batch on
     for micro in range(args.grad_accum):
         batch = next(batches)
@@ -200,11 +198,15 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
                                    out["loss"].new_tensor(len(batch.t))]).detach()
         skipped += batch.skipped
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    opt.step()
+    if world > 1:
+        dist.all_reduce(sums)
+    finite = bool(sums.isfinite().all() and grad_norm.isfinite())
+    if finite:
+        opt.step()
+        if ema is not None:  # ema ← decay·ema + (1 − decay)·model
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
     opt.zero_grad(set_to_none=True)
-    if ema is not None:  # ema ← decay·ema + (1 − decay)·model
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
-    return StepResult(sums, grad_norm, batch.epoch, skipped)
+    return StepResult(sums, grad_norm, finite, batch.epoch, skipped)
 
 
 def training_batches(args, dataset, start, encoders, null, caption_weights, caption_tokens, rank, world, device):
@@ -237,18 +239,40 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
 
 
-def log_step(log, bar, step, result, lr, images_per_s, skipped, world):
-    """The step's loss over all ranks (every rank takes part in the all-reduce) -> a line of log.jsonl and the
-    progress bar, on rank 0 (log: None on the others)."""
-    if world > 1:
-        dist.all_reduce(result.sums)
+def log_step(log, bar, step, result, lr, images_per_s, counts):
+    """The step's loss over all ranks -> a line of log.jsonl and the progress bar, on rank 0 (log: None on the others).
+    counts: images and steps skipped so far."""
     loss, mse, vb, n = result.sums.tolist()
     record = dict(step=step, epoch=result.epoch, loss=loss / n, mse=mse / n, vb=vb / n, lr=lr,
-                  grad_norm=result.grad_norm.item(), images_per_s=images_per_s, skipped_images=skipped)
+                  grad_norm=result.grad_norm.item(), images_per_s=images_per_s, **counts)
     if log is not None:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
         log.write(json.dumps(record) + "\n")
         log.flush()
+
+
+def count_skipped(result, step, in_a_row, args, rank):
+    """train_step's result -> the steps skipped in a row (their loss or gradient norm not finite), each one said;
+    --max-nonfinite of them stop the run (checkpoints.diverged: the last good checkpoint, and what to change)."""
+    if result.finite:
+        return 0
+    loss, in_a_row = (result.sums[0] / result.sums[3]).item(), in_a_row + 1
+    what = f"loss {loss:g}, gradient norm {result.grad_norm.item():g}"
+    if in_a_row >= args.max_nonfinite:
+        checkpoints.diverged(args, step, f"{in_a_row} steps in a row with a non-finite loss or gradient ({what}), each "
+                             "skipped: training stops", rank)
+    if rank == 0:
+        tqdm.write(f"train.py: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
+                   f"--max-nonfinite {args.max_nonfinite} stops the run)", file=sys.stderr)
+    return in_a_row
+
+
+def preview_drawer(args, model, encoders, null):
+    """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed."""
+    y, mask = encoders.captions(args.preview_prompts.split("|"))
+    return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode,
+                             hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
+                             pixels=args.vae_factor == 1 and args.pixel_scale)
 
 
 @torch.no_grad()
@@ -387,8 +411,8 @@ def feature_cache(args, records, table, caption_tokens, resolve_components, devi
     (data.cache_problems; said in one line) -> (data.CachedDataset, the null caption). Training then needs neither T5
     nor the VAE."""
     # the VAE and T5 enter by name, not loaded: a valid cache needs neither
-    fingerprint = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
-    problems = data.cache_problems(args.cache, len(records), fingerprint)  # the same files: the same on every rank
+    fp = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
+    problems = data.cache_problems(args.cache, len(records), fp)  # the same files: the same on every rank
     if world > 1:
         dist.barrier()  # every rank has looked before any writes
     if problems:
@@ -396,13 +420,13 @@ def feature_cache(args, records, table, caption_tokens, resolve_components, devi
             print(f"cache {args.cache}: encoding {len(problems)} files: " + "; ".join(
                   f"{name} {why}" for name, why in list(problems.items())[:3]) + " ..." * (len(problems) > 3))
         encoders = load_encoders(args, caption_tokens, device, resolve_components())
-        data.build_cache(args.cache, records, table, fingerprint, encoders.images, encoders.captions, problems, rank, world)
+        data.build_cache(args.cache, records, table, fp, encoders.images, encoders.captions, problems, rank, world)
         del encoders  # free T5 and the VAE before training
         if world > 1:
             dist.barrier()
     index = os.path.join(args.cache, "index.json")
-    if rank == 0 and (problems or not os.path.exists(index) or json.load(open(index))["fingerprint"] != fingerprint):
-        data.write_cache_index(args.cache, fingerprint)
+    if rank == 0 and (problems or not os.path.exists(index) or json.load(open(index))["fingerprint"] != fp):
+        data.write_cache_index(args.cache, fp)
     if world > 1:
         dist.barrier()
     null = load_file(os.path.join(args.cache, "null.safetensors"))

@@ -1,7 +1,11 @@
-"""checkpoints.py: a training run's folder. kill -9 during a save and at every filesystem step of one: `latest` always
-names a complete checkpoint, and --resume continues the run."""
+"""checkpoints.py: a training run's folder, and how a run stops early without losing anything. Each fault is injected on
+purpose through the real code paths: kill -9 during a save and at every filesystem step of one, NaN in the loss or a
+gradient, weights that turn infinite. Each test checks the message, the exit status, that
+`latest` loads and that no checkpoint holds non-finite weights, and that --resume continues the loss curve of the run
+that was not interrupted."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,12 +14,41 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import checkpoints
+import diffusion
 import quickstart
 import sigma
 import weights
 from test_train import REPO, max_diff, run_args, snapshot, tiny  # noqa: F401 (tiny: a fixture)
+
+
+def losses(run):
+    """A run's log.jsonl -> {step: loss}."""
+    return {r["step"]: r["loss"] for r in map(json.loads, open(run / "log.jsonl"))}
+
+
+def latest_step(run):
+    """Asserts that every checkpoint of the run holds finite weights (model and EMA) and that `latest` loads, with
+    its trainer state -> the step of `latest`."""
+    for file in run.glob("step_*/*.safetensors"):
+        assert all(t.isfinite().all() for t in load_file(str(file)).values()), file
+    latest = weights.latest_checkpoint(str(run))
+    weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
+    step = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"]
+    assert os.path.basename(latest) == f"step_{step:07d}"
+    return step
+
+
+def said(err):
+    """train.py's lines on stderr (the progress bar's are not lines of their own)."""
+    return [line for line in re.sub(r"\r|\x1b\[A", "\n", err).splitlines() if line.startswith("train.py: ")]
+
+
+def fast(out, *extra):
+    """run_args, and no preview at the end (seconds of sampling that these tests do not look at)."""
+    return run_args(out, "--preview-every", 0, *extra)
 
 
 # ---------------------------------------------------------------------------------------------- kill -9 and torn saves
@@ -154,6 +187,90 @@ def test_kill_9_never_corrupts_latest(tmp_path):
     model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
     assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, tiny, monkeypatch, capsys, where):
+    """NaN in the loss (or an inf in one gradient) at chosen steps: such a step changes nothing (its checkpoint equals
+    the one before: weights, EMA and optimizer state), and is said and counted; the third in a row stops the run with
+    one line naming its last good checkpoint and what to change, exit status 1; --resume from there continues as the
+    run that skipped the same steps."""
+    bad, calls = set(), []
+    if where == "loss":
+        def training_losses(*args, real=diffusion.training_losses):
+            out = real(*args)
+            calls.append(1)
+            out["loss"] = out["loss"] * (float("nan") if len(calls) in bad else 1)
+            return out
+        monkeypatch.setattr(diffusion, "training_losses", training_losses)
+    else:
+        def clip_grad_norm_(params, max_norm, real=torch.nn.utils.clip_grad_norm_):
+            params = [p for p in params if p.grad is not None]
+            calls.append(1)
+            if len(calls) in bad:
+                params[0].grad.view(-1)[0] = float("inf")
+            return real(params, max_norm)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    bad |= {3, 4}
+    quickstart.train(fast(ref, "--steps", 5, "--save-every", 1, "--keep", 0, "--max-nonfinite", 3))
+    for step in (3, 4):  # skipped: nothing changed
+        for name in ("model", "ema"):
+            assert max_diff(*(load_file(str(ref / f"step_000000{s}" / f"{name}.safetensors")) for s in (2, step))) == 0
+        before, after = (torch.load(ref / f"step_000000{s}" / "trainer.pt", weights_only=True)["optimizer"] for s in (2, step))
+        assert all(torch.equal(before["state"][i][k], after["state"][i][k]) for i in before["state"] for k in before["state"][i])
+    log = [json.loads(line) for line in open(ref / "log.jsonl")]
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 2, 2]
+    lines = said(capsys.readouterr().err)
+    assert lines[0].startswith("train.py: step 3: loss ") and lines[0].endswith(
+        ": skipped, nothing updated (1 in a row; --max-nonfinite 3 stops the run)")
+    assert ("loss nan, gradient norm nan" if where == "loss" else "gradient norm inf") in lines[0]
+    calls.clear()
+    bad |= {5}
+    with pytest.raises(SystemExit) as stopped:
+        quickstart.train(fast(run, "--steps", 8, "--save-every", 2, "--max-nonfinite", 3))
+    assert stopped.value.code == 1
+    line = said(capsys.readouterr().err)[-1]
+    assert line.startswith("train.py: step 5: 3 steps in a row with a non-finite loss or gradient (loss ") and \
+        line.endswith(f"), each skipped: training stops; the last good checkpoint is {run / 'step_0000004'}: continue "
+                      "it with --resume and a lower --lr (now 0.001) or --clip (now 1)")
+    assert latest_step(run) == 4
+    calls.clear()
+    bad.clear()
+    quickstart.train(fast(run, "--steps", 5, "--resume"))
+    assert losses(run)[5] == losses(ref)[5]
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, tiny, monkeypatch, capsys):
+    """An optimizer step that leaves an inf in the weights (at step 4; its loss and gradient finite): the save of step
+    4 is refused with one line, exit status 1, so --keep 2 deletes no finite checkpoint to make room for it; --resume
+    continues from step 3 as the run did."""
+    real, steps = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        quickstart.train(fast(run, "--steps", 6, "--save-every", 1, "--keep", 2))
+    assert stopped.value.code == 1
+    line = said(capsys.readouterr().err)[-1]
+    assert line.startswith("train.py: step 4: the weights are not finite (") and line.endswith(
+        f"), so they are not saved; the last good checkpoint is {run / 'step_0000003'}: continue it with --resume and "
+        "a lower --lr (now 0.001) or --clip (now 1)")
+    assert sorted(os.listdir(run)) == ["latest", "log.jsonl", "sample.json", "step_0000002", "step_0000003",
+                                       "text_encoder", "tokenizer"]
+    assert latest_step(run) == 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    quickstart.train(fast(run, "--steps", 4, "--resume"))
+    quickstart.train(fast(tmp_path / "straight", "--steps", 4))
+    assert losses(run)[4] == losses(tmp_path / "straight")[4]
 
 
 # ---------------------------------------------------------------------------------------------- the run's flags
