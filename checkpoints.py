@@ -8,8 +8,10 @@
         sample.json    the components to sample with (hub.save_run_settings)
 
 A run that stops early (stop) says why in one line and exits with status 1: too many steps in a row whose loss or
-gradient norm is not finite (diverged), weights that are not finite (save: they are never written).
+gradient norm is not finite (diverged), weights that are not finite (save: they are never written), a save that the
+file system refuses (save: disk full, read-only, quota; nothing of the step is kept, and `latest` stays).
 """
+import errno
 import json
 import os
 import shutil
@@ -45,15 +47,26 @@ def diverged(args, step, what, rank):
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save(args, step, model, ema, opt, state, rank, world, device):
     """The checkpoint of `step`, written by rank 0 (save_state) -> its folder. Weights that are not finite are never
-    written, so --keep never deletes a good checkpoint to make room for them: the run stops on every rank (all hold
-    the same weights)."""
+    written, so --keep never deletes a good checkpoint to make room for them; a write the file system refuses (disk
+    full, read-only, quota) keeps nothing of the step and leaves `latest` as it was. Either stops the run on every
+    rank: all hold the same weights, and all learn whether rank 0 could write."""
     for name, tensor in ((k, v) for m in (model, ema) if m is not None for k, v in m.state_dict().items()):
         if not tensor.isfinite().all():
             diverged(args, step, f"the weights are not finite ({name}), so they are not saved", rank)
+    failed, reason = torch.tensor(0, device=device), None
     if rank == 0:
-        save_state(args.out, step, model, ema, opt, dict(state, args=json.dumps(vars(args))), args.keep)
+        try:
+            save_state(args.out, step, model, ema, opt, dict(state, args=json.dumps(vars(args))), args.keep)
+        except OSError as e:  # weights.atomic has removed what was written of the step
+            failed += 1
+            reason = (f"cannot save step {step} in {args.out}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}, "
+                      f"{e.filename}); nothing of the step was kept and 'latest' still names "
+                      f"{weights.latest_checkpoint(args.out) or 'no checkpoint'}: make room (or fix the folder), then "
+                      "continue with --resume")
     if world > 1:
-        dist.barrier()
+        dist.broadcast(failed, 0)
+    if failed:
+        stop(reason)
     return os.path.join(args.out, f"step_{step:07d}")
 
 
@@ -71,7 +84,8 @@ def save_state(out, step, model, ema, opt, extra, keep):
             weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
         if ema is not None:
             weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
-        torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "trainer.pt"), "wb") as f:  # a file: a full disk surfaces as the OSError it is
+            torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), f)
     with weights.atomic(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
         f.write(name)
     old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []

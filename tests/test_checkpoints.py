@@ -1,8 +1,9 @@
 """checkpoints.py: a training run's folder, and how a run stops early without losing anything. Each fault is injected on
 purpose through the real code paths: kill -9 during a save and at every filesystem step of one, NaN in the loss or a
-gradient, weights that turn infinite. Each test checks the message, the exit status, that
+gradient, weights that turn infinite, a full disk. Each test checks the message, the exit status, that
 `latest` loads and that no checkpoint holds non-finite weights, and that --resume continues the loss curve of the run
 that was not interrupted."""
+import errno
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import checkpoints
@@ -77,8 +79,8 @@ def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
     quickstart.train(run_args(tmp_path, "--steps", 2, "--save-every", 2))
     good = snapshot(weights.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
 
-    def broken_save(obj, path):  # dies half-way through writing the trainer state
-        open(path, "wb").write(b"half a file")
+    def broken_save(obj, file):  # dies half-way through writing the trainer state
+        file.write(b"half a file")
         raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(checkpoints.torch, "save", broken_save)
@@ -123,7 +125,9 @@ class CrashAt:
                     if files:
                         os.remove(os.path.join(d, files[0]))
                         break
-            elif torn is not None:  # a torn file at the path argument of open / torch.save / save_file
+            elif torn is not None and hasattr(args[torn], "write"):  # torch.save into an open file
+                args[torn].write(b"torn")
+            elif torn is not None:  # a torn file at the path argument of open / save_file
                 with open(args[torn], "wb") as f:
                     f.write(b"torn")
             raise KeyboardInterrupt(f"killed at {name} (filesystem step {self.n})")
@@ -271,6 +275,64 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, tiny, monkeypatch
     quickstart.train(fast(run, "--steps", 4, "--resume"))
     quickstart.train(fast(tmp_path / "straight", "--steps", 4))
     assert losses(run)[4] == losses(tmp_path / "straight")[4]
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+class FullDisk:
+    """A file open for writing whose writes fail as on a full disk once 100 bytes are written."""
+
+    def __init__(self, file):
+        self.file, self.room = file, 100
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(bytes(data[:self.room]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.file.close()
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "trainer.pt"])
+def test_a_full_disk_stops_the_run_and_keeps_latest(tmp_path, tiny, monkeypatch, capsys, file):
+    """ENOSPC while step 4 is saved, in safetensors' writer (its own error, 'os error 28' in the message) or under
+    torch.save (a RuntimeError raised over the OSError of a write): one line naming the run folder and the errno's
+    meaning, exit status 1, the temporary folder gone, `latest` still at step 2; --resume then continues from it."""
+    run, full = tmp_path / "run", []
+    if file == "model.safetensors":
+        def save_file(tensors, path, metadata=None, real=weights.save_file):
+            if not full:
+                return real(tensors, path, metadata=metadata)
+            open(path, "wb").write(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(weights, "save_file", save_file)
+    else:
+        def open_(path, mode="r", *args, real=open, **kwargs):
+            f = real(path, mode, *args, **kwargs)
+            return FullDisk(f) if full and str(path).endswith("trainer.pt") else f
+        monkeypatch.setattr(checkpoints, "open", open_, raising=False)
+    quickstart.train(fast(run, "--steps", 2))
+    full.append(True)
+    with pytest.raises(SystemExit) as stopped:
+        quickstart.train(fast(run, "--steps", 6, "--save-every", 2, "--resume"))
+    where = run / ".step_0000004.tmp" / file if file.endswith("safetensors") else run / "step_0000004"
+    assert stopped.value.code == 1 and said(capsys.readouterr().err) == [
+        f"train.py: cannot save step 4 in {run}: No space left on device (ENOSPC, {where}); nothing of the step was "
+        f"kept and 'latest' still names {run / 'step_0000002'}: make room (or fix the folder), then continue with --resume"]
+    assert not [name for name in os.listdir(run) if name.startswith(".") or name == "step_0000004"]
+    assert latest_step(run) == 2
+    full.clear()
+    quickstart.train(fast(run, "--steps", 3, "--resume"))
+    quickstart.train(fast(tmp_path / "straight", "--steps", 3))
+    assert losses(run)[3] == losses(tmp_path / "straight")[3]
 
 
 # ---------------------------------------------------------------------------------------------- the run's flags
