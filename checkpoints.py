@@ -1,4 +1,4 @@
-"""A training run's folder: its checkpoints, what --resume continues, and the log.
+"""A training run's folder, and how a run stops early without losing what it learned.
 
     runs/mine/
         latest         the name of the newest complete checkpoint, replaced atomically once that one is written
@@ -7,14 +7,22 @@
         log.jsonl      one line per --log-every steps
         sample.json    the components to sample with (hub.save_run_settings)
 
-A run that stops early (stop) says why in one line and exits with status 1: too many steps in a row whose loss or
-gradient norm is not finite (diverged), weights that are not finite (save: they are never written), a save that the
-file system refuses (save: disk full, read-only, quota; nothing of the step is kept, and `latest` stays).
+What a fault does (the README's "When things go wrong"), and where:
+- kill -9, a power cut: every file is written under a temporary name and renamed (weights.atomic), `latest` last;
+- SIGTERM or SIGINT: the step under way finishes and is saved, then the run stops; a second one ends it at once
+  (Interrupts, main);
+- a loss or gradient norm that is not finite: train.train_step skips the step; too many in a row stop the run
+  (diverged); weights that are not finite are never saved (save);
+- a save the file system refuses (disk full, read-only, quota): nothing of the step is kept, `latest` stays (save);
+- a rank that dies or hangs: the others stop within --ddp-timeout (Interrupts).
+A run that stops early says why in one line and exits with status 128 + the signal's number after a signal (its step
+saved; a scheduler may requeue it), 1 otherwise. `--resume` continues from `latest`, with the flags recorded there.
 """
 import errno
 import json
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -35,6 +43,56 @@ def stop(message, code=1):
     if message:
         tqdm.write(f"train.py: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------------------- stopping early
+class Interrupts:
+    """What stops a training loop from outside (`with Interrupts(...) as interrupts:` around it):
+
+    - SIGTERM (schedulers, Kubernetes and torchrun send it before a kill) and SIGINT (Ctrl-C) are noted, not obeyed;
+      `signal()` at the next step boundary returns the first one on every rank (all-reduced), so that all ranks stop
+      after the same step, which main saves. The first restores the default action: a second ends the process at once.
+    - a collective operation that fails because another rank died or hangs (gloo and NCCL give up after
+      --ddp-timeout at the latest): one line, and this process ends at once."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device, self.received = args, rank, world, device, 0
+
+    def __enter__(self):
+        self.pid = os.getpid()  # DataLoader workers forked later inherit the handler: they leave the stop to us
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def note(self, number, frame):
+        if os.getpid() != self.pid:
+            return
+        self.received = self.received or number
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
+        if self.rank == 0:  # os.write: print may be in the middle of a write already (the progress bar)
+            os.write(2, f"\ntrain.py: {signal.Signals(number).name}: the step under way finishes and is saved, then "
+                        "training stops (send it again to stop at once, unsaved)\n".encode())
+
+    def signal(self):
+        """The number of the signal that any rank received (0: none): every rank gets the same answer at a step."""
+        if self.world == 1:
+            return self.received
+        received = torch.tensor(self.received, device=self.device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received)
+
+    def __exit__(self, kind, error, trace):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        # gloo and NCCL raise RuntimeErrors that name them; newer torch raises DistError
+        if self.world > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and
+                               any(name in str(error) for name in ("gloo", "NCCL"))):
+            reason = str(error).splitlines()[0].split(". ")[0]  # gloo goes on: "This is typically caused by ..."
+            print(f"train.py: rank {self.rank}: lost contact with the other ranks ({reason}); "
+                  f"the run's last checkpoint is {weights.latest_checkpoint(self.args.out) or 'none yet'}: continue "
+                  "it with --resume on a new launch", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # not SystemExit: the broken process group's destructor would abort or wait
 
 
 def diverged(args, step, what, rank):

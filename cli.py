@@ -168,6 +168,8 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--log-every", type=int, default=10, help="log every N steps")
     a("--max-nonfinite", type=int, default=5, help="stop after N steps in a row whose loss or gradient norm is not "
                                                     "finite (each one is skipped: nothing is updated)")
+    a("--ddp-timeout", type=int, default=600, help="seconds a rank waits for the others in a collective before it "
+                                                   "stops (one died or hangs); longer than any save or preview")
     a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
@@ -196,7 +198,7 @@ def check_train_args(args, argv, own_components=False):
     value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
     check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
                                                              "--log-every", "--image-size", "--caption-tokens",
-                                                             "--max-nonfinite")]
+                                                             "--max-nonfinite", "--ddp-timeout")]
                  + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
                                                          "--weight-decay")]
                  + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),

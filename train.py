@@ -27,11 +27,13 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
 """
 import contextlib
 import copy
+import datetime
 import functools
 import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -68,7 +70,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     cli.check_train_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
 
     # Setup DDP: torchrun's ranks (or one process); --out's latest checkpoint, continued only with --resume
-    rank, world, device = setup_ddp(args.device)
+    rank, world, device = setup_ddp(args.device, args.ddp_timeout)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-micro-batch generator
     master = rank == 0
     resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet
@@ -124,7 +126,8 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
-    # step whose loss or gradient is not finite changes nothing (train_step)
+    # step whose loss or gradient is not finite changes nothing; on SIGTERM or SIGINT the step under way is saved, then
+    # the run stops (checkpoints.Interrupts)
     batches = training_batches(args, dataset, step * args.grad_accum, encoders, null, caption_weights, tokens, rank,
                                world, device)
     if resume and master:
@@ -132,7 +135,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     images_since_log, log_time, nonfinite, in_a_row = 0, time.time(), 0, 0
-    with bar:
+    with checkpoints.Interrupts(args, rank, world, device) as interrupts, bar:
         while step < args.steps:
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
@@ -145,11 +148,15 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
                 log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time),
                          dict(skipped_images=skipped, skipped_steps=nonfinite))
                 images_since_log, log_time = 0, now
-            if step % args.save_every == 0 or step == args.steps:  # model, EMA, trainer state, a preview
+            signum = interrupts.signal()  # the same on every rank
+            if step % args.save_every == 0 or step == args.steps or signum:  # model, EMA, trainer state, a preview
                 path = checkpoints.save(args, step, model, ema, opt, dict(global_batch=global_batch, epoch=result.epoch,
                                         micro_batch=step * args.grad_accum), rank, world, device)
-                if master and args.preview_every and (step % args.preview_every == 0 or step == args.steps):
+                if master and args.preview_every and not signum and (step % args.preview_every == 0 or step == args.steps):
                     draw_preview(ema or model, path=os.path.join(path, "preview.png"))
+            if signum:  # saved: stop with the shell's status for that signal (a scheduler may requeue the job)
+                checkpoints.stop(f"{signal.Signals(signum).name}: stopped after step {step}, saved in {path}; continue "
+                                 "with --resume" if master else None, 128 + signum)
 
     # Done: where the run is, and how to sample it
     if master:
@@ -296,17 +303,17 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def setup_ddp(device):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Plain `python` = one process."""
+def setup_ddp(device, timeout):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Plain `python` = one process. timeout
+    (--ddp-timeout, seconds): how long a collective waits for a rank that died or hangs before it fails."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 1, dev
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
-        torch.cuda.set_device(local)
+    if dev.type == "cuda":  # one GPU per rank
         dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return rank, world, dev
 
 
@@ -438,3 +445,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:  # bad flags, data or weights: the message, not a traceback
         raise SystemExit(f"train.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the step under way is saved first)
+        print("train.py: interrupted before training began: nothing to save", file=sys.stderr)
+        raise SystemExit(130)

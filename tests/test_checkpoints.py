@@ -1,6 +1,7 @@
 """checkpoints.py: a training run's folder, and how a run stops early without losing anything. Each fault is injected on
 purpose through the real code paths: kill -9 during a save and at every filesystem step of one, NaN in the loss or a
-gradient, weights that turn infinite, a full disk. Each test checks the message, the exit status, that
+gradient, weights that turn infinite, a full disk, SIGTERM and SIGINT (to `python quickstart.py train` and to one rank
+of a torchrun job), a second signal, a rank killed or hung. Each test checks the message, the exit status, that
 `latest` loads and that no checkpoint holds non-finite weights, and that --resume continues the loss curve of the run
 that was not interrupted."""
 import errno
@@ -23,7 +24,7 @@ import diffusion
 import quickstart
 import sigma
 import weights
-from test_train import REPO, max_diff, run_args, snapshot, tiny  # noqa: F401 (tiny: a fixture)
+from test_train import REPO, TINY_DIT, max_diff, run_args, snapshot, tiny  # noqa: F401 (tiny: a fixture)
 
 
 def losses(run):
@@ -51,6 +52,18 @@ def said(err):
 def fast(out, *extra):
     """run_args, and no preview at the end (seconds of sampling that these tests do not look at)."""
     return run_args(out, "--preview-every", 0, *extra)
+
+
+def wait_for(condition, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged(run, steps):
+    """Whether the run's log.jsonl holds `steps` lines."""
+    return (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= steps
 
 
 # ---------------------------------------------------------------------------------------------- kill -9 and torn saves
@@ -333,6 +346,149 @@ def test_a_full_disk_stops_the_run_and_keeps_latest(tmp_path, tiny, monkeypatch,
     quickstart.train(fast(run, "--steps", 3, "--resume"))
     quickstart.train(fast(tmp_path / "straight", "--steps", 3))
     assert losses(run)[3] == losses(tmp_path / "straight")[3]
+
+
+# ---------------------------------------------------------------------------------------------- signals
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_the_step_under_way(tmp_path, one_thread, sig):
+    """SIGTERM (a scheduler, Kubernetes, torchrun) or SIGINT (Ctrl-C) to `python quickstart.py train`: the step under
+    way finishes and is saved, one line says where, no traceback, exit status 128 + the signal's number; --resume
+    continues the loss curve at the next step as the run would have."""
+    run = tmp_path / "run"
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "quickstart.py"), "train",
+                                 *fast(run, "--steps", 10_000)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: logged(run, 3))
+        finally:
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
+    step = latest_step(run)
+    assert said(err) == [f"train.py: {sig.name}: the step under way finishes and is saved, then training stops (send it "
+                         "again to stop at once, unsaved)",
+                         f"train.py: {sig.name}: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue "
+                         "with --resume"]
+    quickstart.train(fast(run, "--steps", step + 1, "--resume"))
+    quickstart.train(fast(tmp_path / "straight", "--steps", step + 1))
+    assert losses(run)[step + 1] == losses(tmp_path / "straight")[step + 1]
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """A save that takes long (slowed here: a large checkpoint, a slow disk) after SIGTERM; a second SIGTERM ends the
+    process at once, unsaved, by the signal's default action; the checkpoint before it is intact."""
+    run, worker = tmp_path / "run", tmp_path / "worker.py"
+    worker.write_text(f"import sys, time\nsys.path.insert(0, {REPO!r})\nimport checkpoints, quickstart\n"
+                      f"quickstart.DIT.update({TINY_DIT!r})\nsave_state = checkpoints.save_state\n"
+                      "def slow(out, step, *args):\n    time.sleep(60 if step > 2 else 0)\n"
+                      "    return save_state(out, step, *args)\n"
+                      "checkpoints.save_state = slow\nquickstart.train(sys.argv[1:])\n")
+    proc = subprocess.Popen([sys.executable, str(worker), *fast(run, "--steps", 10_000, "--save-every", 2)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: logged(run, 3))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM and time.time() - start < 5
+    assert latest_step(run) == 2
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def torchrun(tmp_path, free_port, *flags, nan_step=0):
+    """2 gloo ranks of the quick start (tiny DiT) under torchrun, each writing its pid to tmp_path/rank<N>; rank 1's
+    loss is NaN at step nan_step. -> (the process, the file its output goes to)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport diffusion, quickstart\nquickstart.DIT.update({TINY_DIT!r})\n"
+        f"rank = int(os.environ['RANK'])\nopen({str(tmp_path)!r} + f'/rank{{rank}}', 'w').write(str(os.getpid()))\n"
+        "def training_losses(*args, calls=[], real=diffusion.training_losses):\n    out = real(*args)\n"
+        f"    calls.append(1)\n    if rank == 1 and len(calls) == {nan_step}:\n        out['loss'] = out['loss'] * float('nan')\n"
+        "    return out\ndiffusion.training_losses = training_losses\nquickstart.train(sys.argv[1:])\n")
+    output = open(tmp_path / "output", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             free_port, str(worker), *fast(tmp_path / "run", "--batch-size", 2, *flags)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=output, stderr=subprocess.STDOUT)
+    return proc, tmp_path / "output"
+
+
+def pid(tmp_path, rank):
+    return int((tmp_path / f"rank{rank}").read_text())
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, tiny, monkeypatch, free_port):
+    """2 gloo ranks under torchrun. Rank 1 alone has a NaN loss at step 2: both skip it (they decide on the all-reduced
+    loss). Then SIGTERM to rank 1 alone (SLURM signals every task and torchrun forwards to every worker; one is the
+    strictest case): both stop after the same step, rank 0 saves it and says where; --resume (1 process × batch 4 =
+    2 ranks × 2) continues as the run would have."""
+    run = tmp_path / "run"
+    proc, output = torchrun(tmp_path, free_port, "--steps", 10_000, nan_step=2)
+    try:
+        wait_for(lambda: logged(run, 4))
+        os.kill(pid(tmp_path, 1), signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = output.read_text()
+    step = latest_step(run)
+    assert f"train.py: SIGTERM: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue with " \
+           "--resume" in out and out.count("exitcode  : 143") == 2, out[-3000:]
+    assert "train.py: step 2: loss nan, gradient norm nan: skipped, nothing updated" in out
+    assert [json.loads(line)["skipped_steps"] for line in open(run / "log.jsonl")][:3] == [0, 1, 1]
+    real, calls = diffusion.training_losses, []
+
+    def training_losses(*args):  # the same NaN at step 2, in one process
+        out = real(*args)
+        calls.append(1)
+        out["loss"] = out["loss"] * (float("nan") if len(calls) == 2 else 1)
+        return out
+    monkeypatch.setattr(diffusion, "training_losses", training_losses)
+    quickstart.train(fast(tmp_path / "straight", "--steps", step + 1))
+    monkeypatch.setattr(diffusion, "training_losses", real)
+    quickstart.train(fast(run, "--steps", step + 1, "--resume"))
+    assert losses(run)[step + 1] == pytest.approx(losses(tmp_path / "straight")[step + 1], rel=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_torchrun_a_dead_or_hung_rank_stops_the_other(tmp_path, tiny, free_port, fault):
+    """kill -9 of rank 1 (or SIGSTOP: a rank that hangs) once step 2 is saved: rank 0 stops with one line instead of
+    waiting for ever, at once when the peer's connection drops, after --ddp-timeout (5 s here) when it hangs;
+    `latest` loads, and --resume on a new launch (1 process × batch 4 = 2 ranks × 2) continues as the run would have."""
+    run = tmp_path / "run"
+    proc, output = torchrun(tmp_path, free_port, "--steps", 10_000, "--save-every", 2, "--ddp-timeout", 5)
+    try:
+        wait_for(lambda: (run / "latest").exists())
+        start = time.time()
+        os.kill(pid(tmp_path, 1), signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        wait_for(lambda: not alive(pid(tmp_path, 0)), 60)
+        took = time.time() - start
+        if fault == "hung":
+            os.kill(pid(tmp_path, 1), signal.SIGKILL)  # torchrun would wait 30 s for it before it does so
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    out = output.read_text()
+    step = latest_step(run)
+    assert f"train.py: rank 0: lost contact with the other ranks (" in out, out[-3000:]
+    assert f"); the run's last checkpoint is {run / f'step_{step:07d}'}: continue it with --resume on a new launch" in out
+    assert took < (10 if fault == "killed" else 20), took
+    quickstart.train(fast(run, "--steps", step + 1, "--resume"))
+    quickstart.train(fast(tmp_path / "straight", "--steps", step + 1))
+    assert losses(run)[step + 1] == pytest.approx(losses(tmp_path / "straight")[step + 1], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the run's flags
