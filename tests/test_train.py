@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -301,9 +302,10 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     assert torch.cat(key_bias).max().item() <= key_bias_tolerance
 
 
-def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
-    """The user path: images + captions -> (feature cache) -> training, with tiny random T5, VAE and DiT.
-    Cached features must train exactly as encoding on the fly; a second run reuses the cache."""
+def image_folder(tmp_path):
+    """The user path's world, tiny: 8 captioned images and a broken one, components (the quick start's tokenizer and
+    T5, a random 4-level VAE) and a random DiT to --init from -> (train.py's flags for it, the images, components, DiT
+    config)."""
     import dataclasses
     from safetensors.torch import save_file
     import vae
@@ -326,6 +328,13 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
     common = ["--data", str(images), "--components", str(comps), "--init", str(tmp_path / "init.safetensors"),
               "--image-size", "256", "--caption-tokens", "16", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
               "--no-lr-scaling", "--warmup", "1", "--log-every", "1", "--workers", "0", "--caption-dropout", "0.3"]
+    return common, images, comps, dit
+
+
+def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
+    """The user path: images + captions -> (feature cache) -> training, with tiny random T5, VAE and DiT.
+    Cached features must train exactly as encoding on the fly; a second run reuses the cache."""
+    common, images, comps, dit = image_folder(tmp_path)
     fly = snapshot(train.main(common + ["--out", str(tmp_path / "fly")]))
     cached = snapshot(train.main(common + ["--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]))
     stamp = os.path.getmtime(tmp_path / "cache" / "index.json")
@@ -345,6 +354,62 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
         assert json.load(open(tmp_path / "cache" / "index.json"))["fingerprint"] != fp, change
     log = [json.loads(line) for line in open(tmp_path / "cached" / "log.jsonl")]
     assert log[-1]["skipped_images"] == 1 and max_diff(fly, snapshot(sigma.PixArtSigma(dit))) > 1e-4
+
+
+def test_a_damaged_cache_is_found_before_training_and_encoded_again(tmp_path, tiny, monkeypatch, capsys):
+    """A shard cut short, a shard deleted (index.json still names it) and a shard whose header is overwritten, then a
+    cache of another version of data.py: each is found from the files' headers when the cache is opened, said in one
+    line, and only those files are encoded again; the model trains as on the intact cache."""
+    monkeypatch.setattr(data, "SHARD_IMAGES", 2)  # 8 images: 4 shards
+    common, *_ = image_folder(tmp_path)
+    cache = tmp_path / "cache"
+    run = lambda out: snapshot(train.main(common + ["--out", str(tmp_path / out), "--cache", str(cache)]))
+    intact, stamp = run("intact"), os.path.getmtime(cache / "shard_00000.safetensors")
+    shard = (cache / "shard_00001.safetensors").read_bytes()
+    (cache / "shard_00001.safetensors").write_bytes(shard[:-100])
+    os.remove(cache / "shard_00002.safetensors")
+    with open(cache / "shard_00003.safetensors", "r+b") as f:
+        f.write(b"\0" * 16)
+    capsys.readouterr()
+    assert max_diff(run("repaired"), intact) == 0
+    assert (f"cache {cache}: encoding 3 files: shard_00001.safetensors damaged (Error while deserializing header: "
+            "incomplete metadata, file not fully covered); shard_00002.safetensors missing; shard_00003.safetensors "
+            "damaged (Error while deserializing header: ") in capsys.readouterr().out
+    assert os.path.getmtime(cache / "shard_00000.safetensors") == stamp  # intact: not encoded again
+    monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)  # as if a later data.py opened it
+    assert max_diff(run("later"), intact) == 0
+    assert f"cache {cache}: encoding 5 files: shard_00000.safetensors of another build;" in capsys.readouterr().out
+
+
+def test_a_killed_cache_build_is_finished_by_the_next_run(tmp_path, tiny, monkeypatch, capsys):
+    """kill -9 (a real one, in a subprocess) while a cache is encoded for new captions over a complete one of the old:
+    what is left is taken for complete by neither (though index.json still names the old build), and the next run
+    encodes only the files still missing; it trains as on a cache built in one go."""
+    monkeypatch.setattr(data, "SHARD_IMAGES", 3)  # 8 images: 3 shards
+    common, images, *_ = image_folder(tmp_path)
+    cache = tmp_path / "cache"
+    train.main(common + ["--out", str(tmp_path / "old"), "--cache", str(cache)])
+    old = json.load(open(cache / "index.json"))["fingerprint"]
+    (images / "3.txt").write_text("a blue triangle on a white background")
+    worker = tmp_path / "worker.py"  # killed once two files (null.safetensors, shard_00000) of the new build are written
+    worker.write_text(f"import os, signal, sys\nsys.path.insert(0, {REPO!r})\nimport data, train\ndata.SHARD_IMAGES = 3\n"
+                      "def save_file(*args, written=[], save=data.save_file, **kwargs):\n"
+                      "    if len(written) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    written.append(save(*args, **kwargs))\n"
+                      "data.save_file = save_file\ntrain.main(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, str(worker), *common, "--out", str(tmp_path / "killed"), "--cache", str(cache)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    new = data.fingerprint(data.scan(str(images))[0], sizes.bucket_table(256), common[3], common[3], 16)
+    assert json.load(open(cache / "index.json"))["fingerprint"] == old and data.cache_problems(cache, 8, old)
+    assert data.cache_problems(cache, 8, new) == {"shard_00001.safetensors": "of another build",
+                                                  "shard_00002.safetensors": "of another build"}
+    capsys.readouterr()
+    finished = snapshot(train.main(common + ["--out", str(tmp_path / "finished"), "--cache", str(cache)]))
+    assert f"cache {cache}: encoding 2 files: shard_00001.safetensors of another build;" in capsys.readouterr().out
+    assert not data.cache_problems(cache, 8, new) and json.load(open(cache / "index.json"))["fingerprint"] == new
+    in_one_go = snapshot(train.main(common + ["--out", str(tmp_path / "one_go"), "--cache", str(tmp_path / "cache2")]))
+    assert max_diff(finished, in_one_go) == 0
 
 
 # ---------------------------------------------------------------------------------------------- weak-to-strong stages
