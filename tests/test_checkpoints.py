@@ -430,6 +430,15 @@ def alive(pid):
         return False
 
 
+def end(proc, tmp_path):
+    """torchrun and its workers, killed if still there (they run in sessions of their own): a failed test leaves none."""
+    proc.kill()
+    for rank in (0, 1):
+        if (tmp_path / f"rank{rank}").exists() and alive(pid(tmp_path, rank)):
+            os.kill(pid(tmp_path, rank), signal.SIGKILL)
+    proc.wait()
+
+
 def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, tiny, monkeypatch, free_port):
     """2 gloo ranks under torchrun. Rank 1 alone has a NaN loss at step 2: both skip it (they decide on the all-reduced
     loss). Then SIGTERM to rank 1 alone (SLURM signals every task and torchrun forwards to every worker; one is the
@@ -442,7 +451,7 @@ def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, 
         os.kill(pid(tmp_path, 1), signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
-        proc.kill()
+        end(proc, tmp_path)
     out = output.read_text()
     step = latest_step(run)
     assert f"train.py: SIGTERM: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue with " \
@@ -476,11 +485,8 @@ def test_torchrun_a_dead_or_hung_rank_stops_the_other(tmp_path, tiny, free_port,
         os.kill(pid(tmp_path, 1), signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         wait_for(lambda: not alive(pid(tmp_path, 0)), 60)
         took = time.time() - start
-        if fault == "hung":
-            os.kill(pid(tmp_path, 1), signal.SIGKILL)  # torchrun would wait 30 s for it before it does so
-        proc.wait(timeout=60)
     finally:
-        proc.kill()
+        end(proc, tmp_path)  # the hung rank: torchrun would wait 30 s for it before it kills it
     out = output.read_text()
     step = latest_step(run)
     assert f"train.py: rank 0: lost contact with the other ranks (" in out, out[-3000:]
