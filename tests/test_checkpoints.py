@@ -1,9 +1,9 @@
 """checkpoints.py: a training run's folder, and how a run stops early without losing anything. Each fault is injected on
 purpose through the real code paths: kill -9 during a save and at every filesystem step of one, NaN in the loss or a
-gradient, weights that turn infinite, a full disk, SIGTERM and SIGINT (to `python quickstart.py train` and to one rank
-of a torchrun job), a second signal, a rank killed or hung. Each test checks the message, the exit status, that
-`latest` loads and that no checkpoint holds non-finite weights, and that --resume continues the loss curve of the run
-that was not interrupted."""
+gradient, weights that turn infinite, a full disk (and a real one: a small tmpfs), SIGTERM and SIGINT (to `python
+quickstart.py train` and to one rank of a torchrun job), a second signal, a rank killed or hung. Each test checks the
+message, the exit status, that `latest` loads and that no checkpoint holds non-finite weights, and that --resume
+continues the loss curve of the run that was not interrupted."""
 import errno
 import json
 import os
@@ -346,6 +346,33 @@ def test_a_full_disk_stops_the_run_and_keeps_latest(tmp_path, tiny, monkeypatch,
     quickstart.train(fast(run, "--steps", 3, "--resume"))
     quickstart.train(fast(tmp_path / "straight", "--steps", 3))
     assert losses(run)[3] == losses(tmp_path / "straight")[3]
+
+
+def test_a_real_full_disk(tmp_path, one_thread):
+    """The same on a real full disk, where the machine lets a user mount one (a small tmpfs in a user and mount
+    namespace): `python quickstart.py train --resume` runs out of space while it saves step 4, through the real
+    safetensors and torch.save writers; one line, exit status 1, nothing of step 4 left, `latest` at step 2."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here: unshare -rm fails")
+    run = tmp_path / "run"
+    quickstart.train(fast(run, "--steps", 2))
+    size = lambda path: sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    room = (size(run) + size(run / "step_0000002") // 2) // 1024  # KiB: the run, and half a checkpoint more
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = " ".join(map(str, [sys.executable, os.path.join(REPO, "quickstart.py"), "train",
+                                 *fast(disk / "run", "--steps", 6, "--save-every", 2, "--resume")]))
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={room}k tmpfs {disk} && "
+                           f"cp -r {run} {disk} && {command}; echo status $?; ls -a {disk / 'run'}; cat {disk / 'run/latest'}"],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    lines, latest = said(done.stderr), disk / "run" / "step_0000002"
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: cannot save step 4 in {disk / 'run'}: No space left on "
+                                                   "device (ENOSPC, "), done.stderr[-3000:]
+    assert lines[0].endswith(f"nothing of the step was kept and 'latest' still names {latest}: make room (or fix the "
+                             "folder), then continue with --resume")
+    assert "Traceback" not in done.stderr and "status 1\n" in done.stdout
+    listing = done.stdout.split("status 1\n")[1].split()
+    assert listing[-1] == "step_0000002" and "step_0000004" not in listing and not [n for n in listing if n.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------------------------- signals
