@@ -97,8 +97,9 @@ class Interrupts:
 
 def diverged(args, step, what, rank):
     """Stop a run whose numbers are no longer finite, naming its last good checkpoint and what to change."""
-    stop(f"step {step}: {what}; the last good checkpoint is {weights.latest_checkpoint(args.out) or 'none yet'}: "
-         f"continue it with --resume and a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g})"
+    latest = weights.latest_checkpoint(args.out)
+    then = f"the last good checkpoint is {latest}: --resume it" if latest else "no checkpoint yet: start again"
+    stop(f"step {step}: {what}; {then} with a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g})"
          + (", or in float32 (without --bf16)" if args.bf16 else "") if rank == 0 else None)
 
 

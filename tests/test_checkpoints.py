@@ -250,8 +250,8 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, tiny, m
     assert stopped.value.code == 1
     line = said(capsys.readouterr().err)[-1]
     assert line.startswith("train.py: step 5: 3 steps in a row with a non-finite loss or gradient (loss ") and \
-        line.endswith(f"), each skipped: training stops; the last good checkpoint is {run / 'step_0000004'}: continue "
-                      "it with --resume and a lower --lr (now 0.001) or --clip (now 1)")
+        line.endswith(f"), each skipped: training stops; the last good checkpoint is {run / 'step_0000004'}: --resume "
+                      "it with a lower --lr (now 0.001) or --clip (now 1)")
     assert latest_step(run) == 4
     calls.clear()
     bad.clear()
@@ -279,7 +279,7 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, tiny, monkeypatch
     assert stopped.value.code == 1
     line = said(capsys.readouterr().err)[-1]
     assert line.startswith("train.py: step 4: the weights are not finite (") and line.endswith(
-        f"), so they are not saved; the last good checkpoint is {run / 'step_0000003'}: continue it with --resume and "
+        f"), so they are not saved; the last good checkpoint is {run / 'step_0000003'}: --resume it with "
         "a lower --lr (now 0.001) or --clip (now 1)")
     assert sorted(os.listdir(run)) == ["latest", "log.jsonl", "sample.json", "step_0000002", "step_0000003",
                                        "text_encoder", "tokenizer"]
