@@ -50,7 +50,7 @@ class Interrupts:
     """What stops a training loop from outside (`with Interrupts(...) as interrupts:` around it):
 
     - SIGTERM (schedulers, Kubernetes and torchrun send it before a kill) and SIGINT (Ctrl-C) are noted, not obeyed;
-      `signal()` at the next step boundary returns the first one on every rank (all-reduced), so that all ranks stop
+      `stop_signal()` at the next step boundary returns the first one on every rank (all-reduced), so all ranks stop
       after the same step, which main saves. The first restores the default action: a second ends the process at once.
     - a collective operation that fails because another rank died or hangs (gloo and NCCL give up after
       --ddp-timeout at the latest): one line, and this process ends at once."""
@@ -73,7 +73,7 @@ class Interrupts:
             os.write(2, f"\ntrain.py: {signal.Signals(number).name}: the step under way finishes and is saved, then "
                         "training stops (send it again to stop at once, unsaved)\n".encode())
 
-    def signal(self):
+    def stop_signal(self):
         """The number of the signal that any rank received (0: none): every rank gets the same answer at a step."""
         if self.world == 1:
             return self.received

@@ -148,7 +148,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
                 log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time),
                          dict(skipped_images=skipped, skipped_steps=nonfinite))
                 images_since_log, log_time = 0, now
-            signum = interrupts.signal()  # the same on every rank
+            signum = interrupts.stop_signal()  # the same on every rank
             if step % args.save_every == 0 or step == args.steps or signum:  # model, EMA, trainer state, a preview
                 path = checkpoints.save(args, step, model, ema, opt, dict(global_batch=global_batch, epoch=result.epoch,
                                         micro_batch=step * args.grad_accum), rank, world, device)
