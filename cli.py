@@ -239,7 +239,8 @@ def check_train_args(args, argv, own_components=False):
         if path and not os.path.exists(path):
             raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
                              if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
-    if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
+    continued = args.resume and not args.lora_rank and weights.latest_checkpoint(args.out)  # its own model, not --init's
+    if args.init != "scratch" and not continued and (os.path.exists(args.init) or not hub.model_name(args.init)):
         hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
     hub.check_components(args.components)
     if args.device:

@@ -548,3 +548,15 @@ def test_resume_continues_the_run_with_its_recorded_flags(tmp_path, tiny, capsys
            in capsys.readouterr().out
     with pytest.raises(ValueError, match=f"--optimizer came: the run in {run} was trained with adamw"):
         quickstart.train(["--out", str(run), "--resume", "--steps", "8", "--optimizer", "came"])
+
+
+def test_resume_no_longer_needs_the_init_it_started_from(tmp_path, tiny):
+    """A run started from --init FILE continues its own model: FILE may be gone since (moved, or rotated away by the
+    --keep of the run that wrote it), although the recorded flags name it."""
+    quickstart.train(fast(tmp_path / "first", "--steps", 2))
+    init = tmp_path / "init.safetensors"
+    shutil.copy(tmp_path / "first" / "step_0000002" / "model.safetensors", init)
+    quickstart.train(fast(tmp_path / "run", "--steps", 2, "--init", init))
+    os.remove(init)
+    quickstart.train(["--out", str(tmp_path / "run"), "--resume", "--steps", "3"])
+    assert latest_step(tmp_path / "run") == 3
