@@ -10,12 +10,14 @@ import re
 
 import torch
 
+import checkpoints
 import data
 import diffusion
 import hub
 import lora
 import sigma
 import sizes
+import weights
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -143,7 +145,8 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
                                                "embedders, adaLN and output, as the official LoRA script) or a list")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
-    a("--resume", action="store_true", help="continue from --out/latest (same command line)")
+    a("--resume", action="store_true", help="continue from --out/latest with the flags recorded there (a flag "
+                                              "given again changes that one: --steps, --lr, ...)")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
     a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -163,6 +166,10 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
     a("--log-every", type=int, default=10, help="log every N steps")
+    a("--max-nonfinite", type=int, default=5, help="stop after N steps in a row whose loss or gradient norm is not "
+                                                    "finite (each one is skipped: nothing is updated)")
+    a("--ddp-timeout", type=int, default=600, help="seconds a rank waits for the others in a collective before it "
+                                                   "stops (one died or hangs); longer than any save or preview")
     a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
@@ -173,6 +180,9 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
         p.set_defaults(**lora.TRAIN_DEFAULTS)
     args = p.parse_args(argv)
+    if args.resume and (flags := checkpoints.recorded_flags(weights.latest_checkpoint(args.out))):
+        p.set_defaults(**flags)  # the run's own flags, recorded in its latest checkpoint; flags given again still win
+        args = p.parse_args(argv)
     if need_data and not args.data:
         p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
     if not need_data and args.data:
@@ -187,7 +197,8 @@ def check_train_args(args, argv, own_components=False):
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
     check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
-                                                             "--log-every", "--image-size", "--caption-tokens")]
+                                                             "--log-every", "--image-size", "--caption-tokens",
+                                                             "--max-nonfinite", "--ddp-timeout")]
                  + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
                                                          "--weight-decay")]
                  + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
@@ -228,7 +239,8 @@ def check_train_args(args, argv, own_components=False):
         if path and not os.path.exists(path):
             raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
                              if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
-    if args.init != "scratch" and (os.path.exists(args.init) or not hub.model_name(args.init)):
+    continued = args.resume and not args.lora_rank and weights.latest_checkpoint(args.out)  # its own model, not --init's
+    if args.init != "scratch" and not continued and (os.path.exists(args.init) or not hub.model_name(args.init)):
         hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
     hub.check_components(args.components)
     if args.device:

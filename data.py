@@ -172,24 +172,58 @@ class BucketSampler:
 
 
 # ---------------------------------------------------------------------------------------------- feature cache
+CACHE_FORMAT = 2  # in every fingerprint: a cache written in another layout (another version) is rebuilt, never misread
+SHARD_IMAGES = 256  # images per shard: shard s holds images s·256 ... s·256 + 255
+
+
 def fingerprint(records, table, vae_id, t5_id, caption_tokens):
     """Hash of everything the cached features depend on; a change means re-encode."""
     files = [(r["image"], os.path.getsize(r["image"]), os.path.getmtime(r["image"]), r["captions"]) for r in records]
-    key = json.dumps(dict(files=files, table=table, vae=vae_id, t5=t5_id, tokens=caption_tokens), sort_keys=True)
+    key = json.dumps(dict(files=files, table=table, vae=vae_id, t5=t5_id, tokens=caption_tokens, format=CACHE_FORMAT),
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, rank=0, world=1, shard_size=256):
-    """Encode this rank's shards (shard s goes to rank s % world) unless the cache already matches fp.
+def cache_problems(cache_dir, images, fp, shard_size=None):
+    """{file: why it cannot be used} for a cache of `images` images and fingerprint fp; {}: the cache is complete. Each
+    file carries the fingerprint it was encoded for, so this reads headers only: a file missing (a build killed before
+    writing it, or deleted), of another build (other images, captions, encoders or version), or damaged (truncated,
+    overwritten: safetensors refuses a header whose tensors do not cover the file exactly). A damaged tensor inside
+    an intact file is not found: no checksum, whose reading would cost a large cache more than it saves."""
+    shards = -(-images // (shard_size or SHARD_IMAGES))
+    problems = {}
+    for name in [f"shard_{s:05d}.safetensors" for s in range(shards)] + ["null.safetensors"]:
+        path = os.path.join(cache_dir, name)
+        try:
+            with safe_open(path, "pt") as f:
+                found = (f.metadata() or {}).get("fingerprint")
+            if found != fp:
+                problems[name] = "of another build"
+        except FileNotFoundError:
+            problems[name] = "missing"
+        except Exception as e:  # safetensors' SafetensorError
+            problems[name] = f"damaged ({str(e).splitlines()[0]})"
+    return problems
+
+
+def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, todo, rank=0, world=1, shard_size=None):
+    """Encode the files `todo` of the cache (cache_problems' names, found by every rank before any writes), this rank's
+    share of them (the k-th goes to rank k % world): each shard, and the null caption T5(""), is written whole
+    (weights.atomic) with fp in its metadata, so a build that is killed leaves complete files only, and the next one
+    encodes just the rest.
 
     encode_images((N,3,h,w) in [-1,1]) -> (N,C,h/8,w/8); encode_captions(list of str) -> (y (N,L,D), mask (N,L)).
     The caller runs a barrier, then rank 0 calls write_cache_index."""
-    index = os.path.join(cache_dir, "index.json")
-    if os.path.exists(index) and json.load(open(index))["fingerprint"] == fp:
-        return False
+    shard_size, todo = shard_size or SHARD_IMAGES, sorted(todo)
     os.makedirs(cache_dir, exist_ok=True)
     ds = ImageDataset(records, table)
-    for s in range(rank, (len(records) + shard_size - 1) // shard_size, world):
+    for name in todo[rank::world]:
+        if name == "null.safetensors":  # the caption that caption dropout trains with
+            y, mask = encode_captions([""])
+            with weights.atomic(os.path.join(cache_dir, name)) as tmp:
+                save_file(dict(y=y[0].cpu().contiguous(), mask=mask[0].cpu().contiguous()), tmp, dict(fingerprint=fp))
+            continue
+        s = int(name[len("shard_"):-len(".safetensors")])
         tensors, meta, skipped = {}, [], 0
         ids = range(s * shard_size, min(len(records), (s + 1) * shard_size))
         by_bucket = defaultdict(list)
@@ -209,21 +243,22 @@ def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, r
                 for it, lat in zip(items, latents):
                     tensors[f"{it['index']}.latent"] = lat.float().contiguous().cpu()
                     meta.append([it["index"], bucket, len(it["captions"])])
-        with weights.atomic(os.path.join(cache_dir, f"shard_{s:05d}.safetensors")) as tmp:
-            save_file(tensors, tmp, metadata=dict(items=json.dumps(meta), skipped=str(skipped)))
-    return True
+        with weights.atomic(os.path.join(cache_dir, name)) as tmp:
+            save_file(tensors, tmp, metadata=dict(items=json.dumps(meta), skipped=str(skipped), fingerprint=fp))
 
 
 def write_cache_index(cache_dir, fp):
+    """index.json: every item of the shards of fingerprint fp (shard, key, bucket, captions), read by CachedDataset."""
     items, skipped = [], 0
     for name in sorted(os.listdir(cache_dir)):
         if name.startswith("shard_") and name.endswith(".safetensors"):
             with safe_open(os.path.join(cache_dir, name), "pt") as f:
                 meta = f.metadata()
-            items += [[name] + m for m in json.loads(meta["items"])]
-            skipped += int(meta["skipped"])
+            if meta.get("fingerprint") == fp:  # a shard left over from a larger build of other images is not ours
+                items += [[name] + m for m in json.loads(meta["items"])]
+                skipped += int(meta["skipped"])
     with weights.atomic(os.path.join(cache_dir, "index.json")) as tmp, open(tmp, "w") as f:
-        json.dump(dict(fingerprint=fp, items=items, skipped=skipped), f)  # written last: a half-built cache has no index
+        json.dump(dict(fingerprint=fp, items=items, skipped=skipped), f)
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -21,8 +21,7 @@ import os
 import shutil
 import sys
 
-import torch
-
+import checkpoints
 import hub
 import lora
 import weights
@@ -59,15 +58,6 @@ def checkpoint(path):
         raise ValueError(f"{path}/latest names {step}, which holds no model.safetensors (nor a LoRA adapter): give a "
                          "step_N folder instead")
     return path, step
-
-
-def recorded_args(step):
-    """train.py's flags saved in step/trainer.pt, or None. mmap: the optimizer state beside them is not read."""
-    file = os.path.join(step, "trainer.pt")
-    if not os.path.isfile(file):
-        return None
-    args = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("args")
-    return json.loads(args) if args else None
 
 
 def components(source, vae=None):
@@ -115,7 +105,7 @@ def export(run, out, components_flag=None):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"{out} exists and is not empty: give a new (or empty) output folder")
     run, step = checkpoint(run)
-    args = recorded_args(step) or {}
+    args = checkpoints.recorded_flags(step) or {}
     base, loras = lora.split_model(step, [])  # a LoRA run: its base model, merged with its adapter below
     # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names
     dit = hub.resolve_model(base)[0] if loras else weights.step_weights(step)

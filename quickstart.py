@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import random
+import sys
 from dataclasses import asdict
 
 import sentencepiece as spm
@@ -269,7 +270,6 @@ COMMANDS = {"train": train, "score": evaluate}
 
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nquickstart.py: error: give a command: {', '.join(COMMANDS)} "
@@ -282,3 +282,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:  # bad flags or files: the message, not a traceback
         raise SystemExit(f"quickstart.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (in it, the step under way is saved first)
+        print("quickstart.py: interrupted", file=sys.stderr)
+        raise SystemExit(130)

@@ -11,7 +11,7 @@ the very same loss curve without storing any RNG state.
 
 Reading order: main, in sections (Setup DDP, Data, Create model, Encoders, Create optimizer, Resume, Train); then
 train_step (one optimizer step) and training_batches (one micro-batch and its seeded randomness); then the helpers
-in the order main calls them, and the checkpoints. The flags and their checks are in cli.py.
+in the order main calls them. cli.py holds the flags and their checks, checkpoints.py the run's folder and its stops.
 
     python quickstart.py train                                     # CPU, no download: shapes in ~10 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
@@ -27,12 +27,13 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
 """
 import contextlib
 import copy
+import datetime
 import functools
 import itertools
 import json
 import math
 import os
-import shutil
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -40,10 +41,11 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import cli
 import data
 import diffusion
@@ -68,13 +70,11 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     cli.check_train_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
 
     # Setup DDP: torchrun's ranks (or one process); --out's latest checkpoint, continued only with --resume
-    rank, world, device = setup_ddp(args.device)
+    rank, world, device = setup_ddp(args.device, args.ddp_timeout)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-micro-batch generator
     master = rank == 0
     resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet
-    check_resume(args, resume)
-    if args.resume and resume is None and master:
-        print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+    checkpoints.check_resume(args, resume, master)
 
     # Data: images (--data) or the caller's dataset, every image and caption checked before a model is built
     caption_keys, caption_weights = data.caption_keys(args.caption_keys)
@@ -107,12 +107,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     model.y_embedder.y_embedding.copy_(null.y.to(model.y_embedder.y_embedding))
     null = Caption(null.y.to(device), null.mask.to(device))
     if args.preview_every:  # the preview prompts encoded now: T5 need not stay in memory
-        encode = encoders or load_encoders(args, tokens, device, resolve())
-        y, mask = encode.captions(args.preview_prompts.split("|"))
-        draw_preview = functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encode.decode,
-                                         hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
-                                         pixels=args.vae_factor == 1 and args.pixel_scale)
-        del encode
+        draw_preview = preview_drawer(args, model, encoders or load_encoders(args, tokens, device, resolve()), null)
 
     # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
     global_batch = args.batch_size * world * args.grad_accum
@@ -125,38 +120,43 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
-    step = load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    step = checkpoints.load_state(resume, opt, ema, device, global_batch, master) if resume else 0
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every
+    # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
+    # step whose loss or gradient is not finite changes nothing; on SIGTERM or SIGINT the step under way is saved, then
+    # the run stops (checkpoints.Interrupts)
     batches = training_batches(args, dataset, step * args.grad_accum, encoders, null, caption_weights, tokens, rank,
                                world, device)
     if resume and master:
-        cut_log(os.path.join(args.out, "log.jsonl"), step)
+        checkpoints.cut_log(os.path.join(args.out, "log.jsonl"), step)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    images_since_log, log_time = 0, time.time()
-    while step < args.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
-        result = train_step(net, model, ema, opt, batches, args, world, autocast)
-        step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.time()
-            log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time), skipped, world)
-            images_since_log, log_time = 0, now
-        if step % args.save_every == 0 or step == args.steps:  # save: model, EMA, trainer state (and a preview)
-            if master:
-                path = save_state(args.out, step, model, ema, opt, dict(global_batch=global_batch, seed=args.seed,
-                                  epoch=result.epoch, micro_batch=step * args.grad_accum, args=json.dumps(vars(args))), args.keep)
-                if args.preview_every and (step % args.preview_every == 0 or step == args.steps):
+    images_since_log, log_time, nonfinite, in_a_row = 0, time.time(), 0, 0
+    with checkpoints.Interrupts(args, rank, world, device) as interrupts, bar:
+        while step < args.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
+            result = train_step(net, model, ema, opt, batches, args, world, autocast)
+            step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
+            nonfinite, in_a_row = nonfinite + (not result.finite), count_skipped(result, step, in_a_row, args, rank)
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.time()
+                log_step(log, bar, step, result, opt.param_groups[0]["lr"], images_since_log / (now - log_time),
+                         dict(skipped_images=skipped, skipped_steps=nonfinite))
+                images_since_log, log_time = 0, now
+            signum = interrupts.stop_signal()  # the same on every rank
+            if step % args.save_every == 0 or step == args.steps or signum:  # model, EMA, trainer state, a preview
+                path = checkpoints.save(args, step, model, ema, opt, dict(global_batch=global_batch, epoch=result.epoch,
+                                        micro_batch=step * args.grad_accum), rank, world, device)
+                if master and args.preview_every and not signum and (step % args.preview_every == 0 or step == args.steps):
                     draw_preview(ema or model, path=os.path.join(path, "preview.png"))
-            if world > 1:
-                dist.barrier()
-    bar.close()
+            if signum:  # saved: stop with the shell's status for that signal (a scheduler may requeue the job)
+                checkpoints.stop(f"{signal.Signals(signum).name}: stopped after step {step}, saved in {path}; continue "
+                                 "with --resume" if master else None, 128 + signum)
 
     # Done: where the run is, and how to sample it
     if master:
@@ -181,15 +181,18 @@ class MicroBatch(NamedTuple):
 
 
 class StepResult(NamedTuple):
-    sums: torch.Tensor       # (4,) this rank's sums over the step of loss, mse, vb and the number of images
-    grad_norm: torch.Tensor  # before clipping
+    sums: torch.Tensor       # (4,) all ranks' sums over the step of loss, mse, vb and the number of images
+    grad_norm: torch.Tensor  # before clipping (the same on every rank: DDP averaged the gradients)
+    finite: bool             # False: the loss or the gradient norm was not, and the step was skipped
     epoch: int
     skipped: int
 
 
 def train_step(net, model, ema, opt, batches, args, world, autocast):
     """One optimizer step, as in DiT's train.py: --grad-accum micro-batches of this rank through the IDDPM loss and
-    backward (DDP averages the gradients over the ranks on the last one only), gradient clip, optimizer step, EMA."""
+    backward (DDP averages the gradients over the ranks on the last one only), gradient clip, optimizer step, EMA.
+    A step whose loss or gradient norm is not finite changes nothing (no weight, EMA or optimizer-state update); every
+    rank decides on the all-reduced loss and the averaged gradients, so all skip it together."""
     sums, skipped = 0, 0  # sums: a (4,) tensor from the first micro-batch on
     for micro in range(args.grad_accum):
         batch = next(batches)
@@ -202,11 +205,15 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
                                    out["loss"].new_tensor(len(batch.t))]).detach()
         skipped += batch.skipped
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    opt.step()
+    if world > 1:
+        dist.all_reduce(sums)
+    finite = bool(sums.isfinite().all() and grad_norm.isfinite())
+    if finite:
+        opt.step()
+        if ema is not None:  # ema ← decay·ema + (1 − decay)·model
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
     opt.zero_grad(set_to_none=True)
-    if ema is not None:  # ema ← decay·ema + (1 − decay)·model
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
-    return StepResult(sums, grad_norm, batch.epoch, skipped)
+    return StepResult(sums, grad_norm, finite, batch.epoch, skipped)
 
 
 def training_batches(args, dataset, start, encoders, null, caption_weights, caption_tokens, rank, world, device):
@@ -239,18 +246,40 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
 
 
-def log_step(log, bar, step, result, lr, images_per_s, skipped, world):
-    """The step's loss over all ranks (every rank takes part in the all-reduce) -> a line of log.jsonl and the
-    progress bar, on rank 0 (log: None on the others)."""
-    if world > 1:
-        dist.all_reduce(result.sums)
+def log_step(log, bar, step, result, lr, images_per_s, counts):
+    """The step's loss over all ranks -> a line of log.jsonl and the progress bar, on rank 0 (log: None on the others).
+    counts: images and steps skipped so far."""
     loss, mse, vb, n = result.sums.tolist()
     record = dict(step=step, epoch=result.epoch, loss=loss / n, mse=mse / n, vb=vb / n, lr=lr,
-                  grad_norm=result.grad_norm.item(), images_per_s=images_per_s, skipped_images=skipped)
+                  grad_norm=result.grad_norm.item(), images_per_s=images_per_s, **counts)
     if log is not None:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
         log.write(json.dumps(record) + "\n")
         log.flush()
+
+
+def count_skipped(result, step, in_a_row, args, rank):
+    """train_step's result -> the steps skipped in a row (their loss or gradient norm not finite), each one said;
+    --max-nonfinite of them stop the run (checkpoints.diverged: the last good checkpoint, and what to change)."""
+    if result.finite:
+        return 0
+    loss, in_a_row = (result.sums[0] / result.sums[3]).item(), in_a_row + 1
+    what = f"loss {loss:g}, gradient norm {result.grad_norm.item():g}"
+    if in_a_row >= args.max_nonfinite:
+        checkpoints.diverged(args, step, f"{in_a_row} steps in a row with a non-finite loss or gradient ({what}), each "
+                             "skipped: training stops", rank)
+    if rank == 0:
+        tqdm.write(f"train.py: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
+                   f"--max-nonfinite {args.max_nonfinite} stops the run)", file=sys.stderr)
+    return in_a_row
+
+
+def preview_drawer(args, model, encoders, null):
+    """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed."""
+    y, mask = encoders.captions(args.preview_prompts.split("|"))
+    return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode,
+                             hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
+                             pixels=args.vae_factor == 1 and args.pixel_scale)
 
 
 @torch.no_grad()
@@ -274,17 +303,17 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def setup_ddp(device):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Plain `python` = one process."""
+def setup_ddp(device, timeout):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Plain `python` = one process. timeout
+    (--ddp-timeout, seconds): how long a collective waits for a rank that died or hangs before it fails."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 1, dev
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
-        torch.cuda.set_device(local)
+    if dev.type == "cuda":  # one GPU per rank
         dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return rank, world, dev
 
 
@@ -384,116 +413,31 @@ def load_encoders(args, caption_tokens, device, comps):
 
 
 def feature_cache(args, records, table, caption_tokens, resolve_components, device, rank, world):
-    """--cache: --data's VAE latents and T5 features, encoded now (every rank its shards) unless the cache already
-    holds them for these images, captions, components, buckets and caption length -> (data.CachedDataset, the null
-    caption T5("") stored beside them). Training then needs neither T5 nor the VAE."""
+    """--cache: --data's VAE latents and T5 features and the null caption T5(""), encoded now (every rank a share) where
+    the cache lacks them for these images, captions, components, buckets and caption length, or holds them damaged
+    (data.cache_problems; said in one line) -> (data.CachedDataset, the null caption). Training then needs neither T5
+    nor the VAE."""
     # the VAE and T5 enter by name, not loaded: a valid cache needs neither
-    fingerprint = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
-    index = os.path.join(args.cache, "index.json")
-    if not (os.path.exists(index) and json.load(open(index))["fingerprint"] == fingerprint):
-        encoders = load_encoders(args, caption_tokens, device, resolve_components())
-        data.build_cache(args.cache, records, table, fingerprint, encoders.images, encoders.captions, rank, world)
+    fp = data.fingerprint(records, table, args.vae or args.components, args.components, caption_tokens)
+    problems = data.cache_problems(args.cache, len(records), fp)  # the same files: the same on every rank
+    if world > 1:
+        dist.barrier()  # every rank has looked before any writes
+    if problems:
         if rank == 0:
-            y, mask = encoders.captions([""])
-            save_file(dict(y=y[0].cpu().contiguous(), mask=mask[0].cpu().contiguous()),
-                      os.path.join(args.cache, "null.safetensors"))
+            print(f"cache {args.cache}: encoding {len(problems)} files: " + "; ".join(
+                  f"{name} {why}" for name, why in list(problems.items())[:3]) + " ..." * (len(problems) > 3))
+        encoders = load_encoders(args, caption_tokens, device, resolve_components())
+        data.build_cache(args.cache, records, table, fp, encoders.images, encoders.captions, problems, rank, world)
         del encoders  # free T5 and the VAE before training
         if world > 1:
             dist.barrier()
-        if rank == 0:
-            data.write_cache_index(args.cache, fingerprint)
-        if world > 1:
-            dist.barrier()
+    index = os.path.join(args.cache, "index.json")
+    if rank == 0 and (problems or not os.path.exists(index) or json.load(open(index))["fingerprint"] != fp):
+        data.write_cache_index(args.cache, fp)
+    if world > 1:
+        dist.barrier()
     null = load_file(os.path.join(args.cache, "null.safetensors"))
     return data.CachedDataset(args.cache), Caption(null["y"], null["mask"])
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_state(out, step, model, ema, opt, extra, keep):
-    """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
-    'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
-    name = f"step_{step:07d}"
-    final = os.path.join(out, name)
-    shutil.rmtree(final, ignore_errors=True)  # a save that a kill interrupted before `latest` moved to it, now redone
-    with weights.atomic(final) as tmp:
-        os.makedirs(tmp)
-        if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
-            lora.save(model, tmp)
-        else:
-            weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
-        if ema is not None:
-            weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
-        torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), os.path.join(tmp, "trainer.pt"))
-    with weights.atomic(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
-        f.write(name)
-    old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []
-    for d in old:
-        shutil.rmtree(os.path.join(out, d))
-    return final
-
-
-def load_state(resume, opt, ema, device, global_batch, master):
-    """--resume: the optimizer state and EMA weights of checkpoint folder `resume` (its model was loaded when main
-    created the model) -> the step to continue from."""
-    try:
-        state = torch.load(os.path.join(resume, "trainer.pt"), map_location=device, weights_only=True)
-    except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
-        raise ValueError(f"--resume: cannot read {resume}/trainer.pt ({type(e).__name__}: {e}); point 'latest' at "
-                         "an earlier step_N folder") from None
-    opt.load_state_dict(state["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
-    if state["global_batch"] != global_batch and master:
-        print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
-    if master:
-        print(f"resumed from {resume} at step {state['step']}")
-    return state["step"]
-
-
-def check_resume(args, resume):
-    """--out's latest checkpoint (or None) against the flags: a run is continued only with --resume, to a later
-    --steps, and with the model it has: a flag that would change it is refused, not ignored."""
-    if resume is None:
-        return
-    if not args.resume:  # a second run would mix its checkpoints with the first one's
-        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
-                         "continue it, or give another --out (or delete the folder) to start afresh")
-    if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
-        raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
-                         "to train on")
-    if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
-        return
-    try:
-        saved = weights.checkpoint_config(os.path.join(resume, "model.safetensors"))
-    except Exception as e:  # damaged, or not written by this train.py
-        raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
-                         "point 'latest' at an earlier step_N folder, or start a new run") from None
-    layers = args.kv_compress_layers and hub.parse_layers(args.kv_compress_layers, saved.depth)
-    for flag, now, then in (("--image-size", args.image_size, saved.sample_size * args.vae_factor),
-                            ("--caption-tokens", args.caption_tokens, saved.caption_tokens),
-                            ("--kv-compress-layers", list(layers or saved.kv_compress_layers), list(saved.kv_compress_layers))):
-        if now != then:
-            raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
-                             f"is; give the run's value, or start a new run with --init {resume}")
-    if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
-        raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
-                         "give its --ema again")
-
-
-def cut_log(path, step):
-    """On --resume: log.jsonl back to the checkpoint's step. The steps logged after it (before a kill) are trained
-    again, so the log reads as one run; a line cut short by the kill goes too."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line.rstrip("\n") + "\n")
-        except ValueError:
-            pass
-    with weights.atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(keep)
 
 
 if __name__ == "__main__":
@@ -501,3 +445,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:  # bad flags, data or weights: the message, not a traceback
         raise SystemExit(f"train.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the step under way is saved first)
+        print("train.py: interrupted before training began: nothing to save", file=sys.stderr)
+        raise SystemExit(130)

@@ -8,7 +8,7 @@ knows the rest: which files a layout has, where its config is, how to tell the l
     official PixArt-Σ / -α .pth (torch zip, {"state_dict": ...})  load_checkpoint     -
     diffusers transformer/ (config.json + safetensors, sharded)   load_checkpoint     save_diffusers
     ours: one .safetensors, the SigmaConfig in its metadata       load_checkpoint     save_checkpoint
-    a train.py run: latest -> step_N/{model,ema}.safetensors      latest_checkpoint   (train.save_state)
+    a train.py run: latest -> step_N/{model,ema}.safetensors      latest_checkpoint   (checkpoints.save_state)
     T5 text_encoder/ (index + fp32 shards, or one file)           load_t5             -
     VAE: diffusers vae/ folder, or one LDM file (sdxl_vae)        load_vae            -
 
@@ -44,14 +44,32 @@ import vae as vaelib
 def atomic(path):
     """Write `path`, a file or a folder, under a temporary name beside it (yielded), renamed onto `path` when the block
     ends without error. The temporary name is fixed (.NAME.tmp, hidden from listings of step_* or shard_* names), so
-    the leftover of a killed write is cleared by the next write of the same path."""
+    the leftover of a killed write is cleared by the next write of the same path. A write that the file system refuses
+    (disk full, read-only, quota) raises an OSError naming the file and its errno, whichever library wrote it."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     _remove(tmp)
     try:
         yield tmp
         os.replace(tmp, path)  # atomic on one file system: readers see the old path or the new one
+    except Exception as e:
+        code = _os_errno(e)
+        if code is None or isinstance(e, OSError) and e.filename:
+            raise
+        raise OSError(code, os.strerror(code), path) from e
     finally:
         _remove(tmp)  # only after an error: what was written aside goes
+
+
+def _os_errno(e):
+    """The errno behind a failed write, or None: an OSError's, one that torch.save's RuntimeError was raised over, or
+    the number in safetensors' message ('I/O error: No space left on device (os error 28)')."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        if found := re.search(r"\(os error (\d+)\)", str(e)):
+            return int(found[1])
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _remove(path):

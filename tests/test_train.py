@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -153,17 +152,21 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
                             torch.tensor([[1] * (len(c.split()) + 1) + [0] * (5 - len(c.split())) for c in caps]))
     cache = str(tmp_path / "cache")
     fp = data.fingerprint(records, table, "vae-A", "t5", 6)
-    assert data.build_cache(cache, records, table, fp, enc_img, enc_cap, shard_size=2)
+    build = lambda fp: data.build_cache(cache, records, table, fp, enc_img, enc_cap,
+                                        data.cache_problems(cache, 3, fp, shard_size=2), shard_size=2)
+    assert set(data.cache_problems(cache, 3, fp, shard_size=2)) == {"shard_00000.safetensors", "shard_00001.safetensors",
+                                                                   "null.safetensors"}
+    build(fp)
     data.write_cache_index(cache, fp)
     ds = data.CachedDataset(cache)
     assert len(ds) == 3 and ds.buckets == ["0.5", "2.0", "1.0"]
     item = ds[2]
     assert item["latent"].shape == (2, 32, 32) and item["y"][0].shape == (4, 3)  # valid tokens only: 3 words + eos
-    assert not data.build_cache(cache, records, table, fp, enc_img, enc_cap)  # up to date: nothing encoded
-    assert sum(calls) == 3
+    build(fp)  # up to date: nothing encoded
+    assert sum(calls) == 3 and not data.cache_problems(cache, 3, fp, shard_size=2)
     for other in (data.fingerprint(records, table, "vae-B", "t5", 6),  # new VAE
                   data.fingerprint(records, sizes.bucket_table(512), "vae-A", "t5", 6)):  # new size / buckets
-        assert other != fp and data.build_cache(cache, records, table, other, enc_img, enc_cap)
+        assert other != fp and len(data.cache_problems(cache, 3, other, shard_size=2)) == 3
 
 
 def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path):
@@ -261,143 +264,6 @@ def test_resume_continues_exactly(tmp_path, tiny, grad_accum):
         quickstart.train(run_args(tmp_path / "b", "--steps", 5))
 
 
-def test_resume_after_a_kill_logs_each_step_once(tmp_path, tiny, capsys):
-    """Killed after logging step 3 (and half of step 4's line) but before saving it: --resume trains 3 again from the
-    step-2 checkpoint, and log.jsonl is cut back to step 2 first, so it reads as one run, equal to a straight one."""
-    quickstart.train(run_args(tmp_path / "a", "--steps", 4))
-    run = tmp_path / "b"
-    quickstart.train(run_args(run, "--steps", 3, "--save-every", 2))
-    shutil.rmtree(run / "step_0000003")
-    (run / "latest").write_text("step_0000002")
-    with open(run / "log.jsonl", "a") as f:
-        f.write('{"step": 4, "lo')
-    capsys.readouterr()
-    quickstart.train(run_args(run, "--steps", 4, "--resume"))
-    log = [json.loads(line) for line in open(run / "log.jsonl")]
-    ref = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == [r["loss"] for r in ref]
-    out = capsys.readouterr().out  # where the run goes at the start; how to use it at the end
-    assert f"train.py: run folder {run}: a checkpoint every 1000 steps and at step 4" in out
-    assert f'python sample.py --model {run} "a red circle on a blue background"' in out
-    assert f"python quickstart.py score {run}" in out
-
-
-def test_interrupted_save_keeps_last_checkpoint(tmp_path, tiny, monkeypatch):
-    quickstart.train(run_args(tmp_path, "--steps", 2, "--save-every", 2))
-    good = snapshot(weights.load_checkpoint(str(tmp_path / "step_0000002" / "model.safetensors")))
-
-    def broken_save(obj, path):  # dies half-way through writing the trainer state
-        open(path, "wb").write(b"half a file")
-        raise KeyboardInterrupt("killed while saving")
-
-    monkeypatch.setattr(train.torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        quickstart.train(run_args(tmp_path, "--steps", 4, "--save-every", 2, "--resume"))
-    monkeypatch.undo()
-    assert open(tmp_path / "latest").read() == "step_0000002"
-    latest = weights.latest_checkpoint(str(tmp_path))
-    assert max_diff(good, snapshot(weights.load_checkpoint(os.path.join(latest, "model.safetensors")))) == 0
-    assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == 2
-    quickstart.train(run_args(tmp_path, "--steps", 3, "--resume"))  # the leftover temp folder is no obstacle
-    assert open(tmp_path / "latest").read() == "step_0000003"
-    # killed between renaming step_0000004 into place and moving `latest` to it: the resumed run redoes the step
-    # and its save replaces that folder, and `latest` moves on
-    os.makedirs(tmp_path / "step_0000004")
-    quickstart.train(run_args(tmp_path, "--steps", 4, "--resume"))
-    assert open(tmp_path / "latest").read() == "step_0000004"
-    assert torch.load(tmp_path / "step_0000004" / "trainer.pt", weights_only=True)["step"] == 4
-
-
-class CrashAt:
-    """Makes the n-th filesystem operation of train.save_state fail (n = None: count them): os.replace, os.makedirs
-    and shutil.rmtree raise before acting (rmtree after removing one file), file writes (open for writing,
-    torch.save, safetensors' save_file) leave a torn file behind, as a kill -9 at that moment would."""
-
-    def __init__(self, monkeypatch, n=None):
-        import builtins
-        self.n, self.calls = n, []
-        wrap = lambda name, fn, torn: lambda *a, **k: self.step(name, fn, torn, *a, **k)
-        for module, name, torn in [(os, "replace", None), (os, "makedirs", None), (shutil, "rmtree", "rmtree"),
-                                   (torch, "save", 1), (weights, "save_file", 1)]:  # weights.py writes the safetensors
-            monkeypatch.setattr(module, name, wrap(name, getattr(module, name), torn))
-        monkeypatch.setattr(train, "open", wrap("open", builtins.open, 0), raising=False)  # train.py's own writes
-
-    def step(self, name, fn, torn, *args, **kwargs):
-        if name == "open" and "w" not in (args[1] if len(args) > 1 else kwargs.get("mode", "r")):
-            return fn(*args, **kwargs)  # reading `latest` is no filesystem change
-        self.calls.append(name)
-        if self.n is not None and len(self.calls) - 1 == self.n:
-            if torn == "rmtree":  # half-deleted: one file gone
-                for d, _, files in os.walk(args[0]):
-                    if files:
-                        os.remove(os.path.join(d, files[0]))
-                        break
-            elif torn is not None:  # a torn file at the path argument of open / torch.save / save_file
-                with open(args[torn], "wb") as f:
-                    f.write(b"torn")
-            raise KeyboardInterrupt(f"killed at {name} (filesystem step {self.n})")
-        return fn(*args, **kwargs)
-
-
-def test_save_state_crash_at_every_filesystem_step_keeps_latest_loadable(tmp_path, monkeypatch):
-    """A checkpoint of step 1 exists; saving step 2 (keep=1: step 1 is deleted after) dies at filesystem step n,
-    for every n: `latest` must name a complete checkpoint (model, EMA, trainer state of one step), and the
-    save redone afterwards must complete."""
-    cfg = sigma.SigmaConfig(depth=1, hidden_size=32, num_heads=2, caption_channels=8, caption_tokens=4, sample_size=8)
-    models = {s: sigma.PixArtSigma(cfg) for s in (1, 2)}  # different random weights per step
-    opt = torch.optim.AdamW(models[1].parameters())
-
-    def save(out, step):
-        return train.save_state(str(out), step, models[step], models[step], opt, dict(global_batch=1), keep=1)
-
-    def check_latest(out):
-        latest = weights.latest_checkpoint(str(out))
-        step = int(os.path.basename(latest).split("_")[1])
-        for name in ("model", "ema"):
-            loaded = weights.load_checkpoint(os.path.join(latest, f"{name}.safetensors")).state_dict()
-            assert max_diff(loaded, snapshot(models[step])) == 0, (latest, name)
-        assert torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"] == step
-        return step
-
-    save(tmp_path / "count", 1)
-    counter = CrashAt(monkeypatch)
-    save(tmp_path / "count", 2)
-    monkeypatch.undo()
-    assert len(counter.calls) >= 8 and {"replace", "open", "save", "save_file", "rmtree"} <= set(counter.calls)
-    survivors = []
-    for n in range(len(counter.calls)):
-        out = tmp_path / f"crash{n}"
-        save(out, 1)
-        CrashAt(monkeypatch, n)
-        with pytest.raises(KeyboardInterrupt):
-            save(out, 2)
-        monkeypatch.undo()
-        survivors.append(check_latest(out))
-        save(out, 2)  # the resumed run redoes the step and saves it again
-        assert check_latest(out) == 2 and sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_0000002"]
-    assert survivors[0] == 1 and survivors[-1] == 2  # crashes before and after `latest` moved were both tried
-
-
-def test_kill_9_never_corrupts_latest(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "quickstart.py"), "train", *run_args(tmp_path, "--steps", 10_000, "--save-every", 1,
-                                                                       "--keep", 2)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / "step_0000003").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.37)  # somewhere in the middle of later steps and saves
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    latest = weights.latest_checkpoint(str(tmp_path))
-    assert latest is not None
-    model = weights.load_checkpoint(os.path.join(latest, "model.safetensors"))
-    state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
-    assert state["step"] == int(os.path.basename(latest).split("_")[1]) >= 3 and model.config.depth == quickstart.DIT["depth"]
-
-
 @pytest.mark.parametrize("optimizer,tolerance,key_bias_tolerance", [("adamw", 1e-6, 1e-6), ("came", 2e-5, 1e-3)])
 def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, key_bias_tolerance, free_port):
     """2 gloo ranks × batch 2 through torchrun = 1 process × batch 4, 2 micro-batches per step (the first one
@@ -436,9 +302,10 @@ def test_ddp_two_ranks_match_one_process(tmp_path, tiny, optimizer, tolerance, k
     assert torch.cat(key_bias).max().item() <= key_bias_tolerance
 
 
-def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
-    """The user path: images + captions -> (feature cache) -> training, with tiny random T5, VAE and DiT.
-    Cached features must train exactly as encoding on the fly; a second run reuses the cache."""
+def image_folder(tmp_path):
+    """The user path's world, tiny: 8 captioned images and a broken one, components (the quick start's tokenizer and
+    T5, a random 4-level VAE) and a random DiT to --init from -> (train.py's flags for it, the images, components, DiT
+    config)."""
     import dataclasses
     from safetensors.torch import save_file
     import vae
@@ -461,6 +328,13 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
     common = ["--data", str(images), "--components", str(comps), "--init", str(tmp_path / "init.safetensors"),
               "--image-size", "256", "--caption-tokens", "16", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
               "--no-lr-scaling", "--warmup", "1", "--log-every", "1", "--workers", "0", "--caption-dropout", "0.3"]
+    return common, images, comps, dit
+
+
+def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
+    """The user path: images + captions -> (feature cache) -> training, with tiny random T5, VAE and DiT.
+    Cached features must train exactly as encoding on the fly; a second run reuses the cache."""
+    common, images, comps, dit = image_folder(tmp_path)
     fly = snapshot(train.main(common + ["--out", str(tmp_path / "fly")]))
     cached = snapshot(train.main(common + ["--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]))
     stamp = os.path.getmtime(tmp_path / "cache" / "index.json")
@@ -480,6 +354,62 @@ def test_image_folder_cache_equals_on_the_fly(tmp_path, tiny):
         assert json.load(open(tmp_path / "cache" / "index.json"))["fingerprint"] != fp, change
     log = [json.loads(line) for line in open(tmp_path / "cached" / "log.jsonl")]
     assert log[-1]["skipped_images"] == 1 and max_diff(fly, snapshot(sigma.PixArtSigma(dit))) > 1e-4
+
+
+def test_a_damaged_cache_is_found_before_training_and_encoded_again(tmp_path, tiny, monkeypatch, capsys):
+    """A shard cut short, a shard deleted (index.json still names it) and a shard whose header is overwritten, then a
+    cache of another version of data.py: each is found from the files' headers when the cache is opened, said in one
+    line, and only those files are encoded again; the model trains as on the intact cache."""
+    monkeypatch.setattr(data, "SHARD_IMAGES", 2)  # 8 images: 4 shards
+    common, *_ = image_folder(tmp_path)
+    cache = tmp_path / "cache"
+    run = lambda out: snapshot(train.main(common + ["--out", str(tmp_path / out), "--cache", str(cache)]))
+    intact, stamp = run("intact"), os.path.getmtime(cache / "shard_00000.safetensors")
+    shard = (cache / "shard_00001.safetensors").read_bytes()
+    (cache / "shard_00001.safetensors").write_bytes(shard[:-100])
+    os.remove(cache / "shard_00002.safetensors")
+    with open(cache / "shard_00003.safetensors", "r+b") as f:
+        f.write(b"\0" * 16)
+    capsys.readouterr()
+    assert max_diff(run("repaired"), intact) == 0
+    assert (f"cache {cache}: encoding 3 files: shard_00001.safetensors damaged (Error while deserializing header: "
+            "incomplete metadata, file not fully covered); shard_00002.safetensors missing; shard_00003.safetensors "
+            "damaged (Error while deserializing header: ") in capsys.readouterr().out
+    assert os.path.getmtime(cache / "shard_00000.safetensors") == stamp  # intact: not encoded again
+    monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)  # as if a later data.py opened it
+    assert max_diff(run("later"), intact) == 0
+    assert f"cache {cache}: encoding 5 files: shard_00000.safetensors of another build;" in capsys.readouterr().out
+
+
+def test_a_killed_cache_build_is_finished_by_the_next_run(tmp_path, tiny, monkeypatch, capsys):
+    """kill -9 (a real one, in a subprocess) while a cache is encoded for new captions over a complete one of the old:
+    what is left is taken for complete by neither (though index.json still names the old build), and the next run
+    encodes only the files still missing; it trains as on a cache built in one go."""
+    monkeypatch.setattr(data, "SHARD_IMAGES", 3)  # 8 images: 3 shards
+    common, images, *_ = image_folder(tmp_path)
+    cache = tmp_path / "cache"
+    train.main(common + ["--out", str(tmp_path / "old"), "--cache", str(cache)])
+    old = json.load(open(cache / "index.json"))["fingerprint"]
+    (images / "3.txt").write_text("a blue triangle on a white background")
+    worker = tmp_path / "worker.py"  # killed once two files (null.safetensors, shard_00000) of the new build are written
+    worker.write_text(f"import os, signal, sys\nsys.path.insert(0, {REPO!r})\nimport data, train\ndata.SHARD_IMAGES = 3\n"
+                      "def save_file(*args, written=[], save=data.save_file, **kwargs):\n"
+                      "    if len(written) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    written.append(save(*args, **kwargs))\n"
+                      "data.save_file = save_file\ntrain.main(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, str(worker), *common, "--out", str(tmp_path / "killed"), "--cache", str(cache)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    new = data.fingerprint(data.scan(str(images))[0], sizes.bucket_table(256), common[3], common[3], 16)
+    assert json.load(open(cache / "index.json"))["fingerprint"] == old and data.cache_problems(cache, 8, old)
+    assert data.cache_problems(cache, 8, new) == {"shard_00001.safetensors": "of another build",
+                                                  "shard_00002.safetensors": "of another build"}
+    capsys.readouterr()
+    finished = snapshot(train.main(common + ["--out", str(tmp_path / "finished"), "--cache", str(cache)]))
+    assert f"cache {cache}: encoding 2 files: shard_00001.safetensors of another build;" in capsys.readouterr().out
+    assert not data.cache_problems(cache, 8, new) and json.load(open(cache / "index.json"))["fingerprint"] == new
+    in_one_go = snapshot(train.main(common + ["--out", str(tmp_path / "one_go"), "--cache", str(tmp_path / "cache2")]))
+    assert max_diff(finished, in_one_go) == 0
 
 
 # ---------------------------------------------------------------------------------------------- weak-to-strong stages

@@ -1,0 +1,242 @@
+"""A training run's folder, and how a run stops early without losing what it learned.
+
+    runs/mine/
+        latest         the name of the newest complete checkpoint, replaced atomically once that one is written
+        step_0001000/  model.safetensors (sample.py loads it), ema.safetensors, trainer.pt (the optimizer state, the
+                       step, the data position and the run's flags), preview.png
+        log.jsonl      one line per --log-every steps
+        sample.json    the components to sample with (hub.save_run_settings)
+
+What a fault does (the README's "When things go wrong"), and where:
+- kill -9, a power cut: every file is written under a temporary name and renamed (weights.atomic), `latest` last;
+- SIGTERM or SIGINT: the step under way finishes and is saved, then the run stops; a second one ends it at once
+  (Interrupts, main);
+- a loss or gradient norm that is not finite: train.train_step skips the step; too many in a row stop the run
+  (diverged); weights that are not finite are never saved (save);
+- a save the file system refuses (disk full, read-only, quota): nothing of the step is kept, `latest` stays (save);
+- a rank that dies or hangs: the others stop within --ddp-timeout (Interrupts).
+A run that stops early says why in one line and exits with status 128 + the signal's number after a signal (its step
+saved; a scheduler may requeue it), 1 otherwise. `--resume` continues from `latest`, with the flags recorded there.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import hub
+import lora
+import weights
+
+FIXED = ("optimizer",)  # flags --resume may not change: the optimizer state saved would not load
+NOT_RECORDED = ("out", "resume")  # where the record is, and the flag that reads it
+
+
+def stop(message, code=1):
+    """End the run: `message` on stderr (None: this rank says nothing, rank 0 does), exit status `code`. A SystemExit:
+    no `except Exception` swallows it, and a caller in the same process (the quick start, an experiment) stops too."""
+    if message:
+        tqdm.write(f"train.py: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------------------- stopping early
+class Interrupts:
+    """What stops a training loop from outside (`with Interrupts(...) as interrupts:` around it):
+
+    - SIGTERM (schedulers, Kubernetes and torchrun send it before a kill) and SIGINT (Ctrl-C) are noted, not obeyed;
+      `stop_signal()` at the next step boundary returns the first one on every rank (all-reduced), so all ranks stop
+      after the same step, which main saves. The first restores the default action: a second ends the process at once.
+    - a collective operation that fails because another rank died or hangs (gloo and NCCL give up after
+      --ddp-timeout at the latest): one line, and this process ends at once."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device, self.received = args, rank, world, device, 0
+
+    def __enter__(self):
+        self.pid = os.getpid()  # DataLoader workers forked later inherit the handler: they leave the stop to us
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def note(self, number, frame):
+        if os.getpid() != self.pid:
+            return
+        self.received = self.received or number
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
+        if self.rank == 0:  # os.write: print may be in the middle of a write already (the progress bar)
+            os.write(2, f"\ntrain.py: {signal.Signals(number).name}: the step under way finishes and is saved, then "
+                        "training stops (send it again to stop at once, unsaved)\n".encode())
+
+    def stop_signal(self):
+        """The number of the signal that any rank received (0: none): every rank gets the same answer at a step."""
+        if self.world == 1:
+            return self.received
+        received = torch.tensor(self.received, device=self.device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received)
+
+    def __exit__(self, kind, error, trace):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        # gloo and NCCL raise RuntimeErrors that name them; newer torch raises DistError
+        if self.world > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and
+                               any(name in str(error) for name in ("gloo", "NCCL"))):
+            reason = str(error).splitlines()[0].split(". ")[0]  # gloo goes on: "This is typically caused by ..."
+            print(f"train.py: rank {self.rank}: lost contact with the other ranks ({reason}); "
+                  f"the run's last checkpoint is {weights.latest_checkpoint(self.args.out) or 'none yet'}: continue "
+                  "it with --resume on a new launch", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # not SystemExit: the broken process group's destructor would abort or wait
+
+
+def diverged(args, step, what, rank):
+    """Stop a run whose numbers are no longer finite, naming its last good checkpoint and what to change."""
+    latest = weights.latest_checkpoint(args.out)
+    then = f"the last good checkpoint is {latest}: --resume it" if latest else "no checkpoint yet: start again"
+    stop(f"step {step}: {what}; {then} with a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g})"
+         + (", or in float32 (without --bf16)" if args.bf16 else "") if rank == 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save(args, step, model, ema, opt, state, rank, world, device):
+    """The checkpoint of `step`, written by rank 0 (save_state) -> its folder. Weights that are not finite are never
+    written, so --keep never deletes a good checkpoint to make room for them; a write the file system refuses (disk
+    full, read-only, quota) keeps nothing of the step and leaves `latest` as it was. Either stops the run on every
+    rank: all hold the same weights, and all learn whether rank 0 could write."""
+    for name, tensor in ((k, v) for m in (model, ema) if m is not None for k, v in m.state_dict().items()):
+        if not tensor.isfinite().all():
+            diverged(args, step, f"the weights are not finite ({name}), so they are not saved", rank)
+    failed, reason = torch.tensor(0, device=device), None
+    if rank == 0:
+        try:
+            save_state(args.out, step, model, ema, opt, dict(state, args=json.dumps(vars(args))), args.keep)
+        except OSError as e:  # weights.atomic has removed what was written of the step
+            failed += 1
+            reason = (f"cannot save step {step} in {args.out}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}, "
+                      f"{e.filename}); nothing of the step was kept and 'latest' still names "
+                      f"{weights.latest_checkpoint(args.out) or 'no checkpoint'}: make room (or fix the folder), then "
+                      "continue with --resume")
+    if world > 1:
+        dist.broadcast(failed, 0)
+    if failed:
+        stop(reason)
+    return os.path.join(args.out, f"step_{step:07d}")
+
+
+def save_state(out, step, model, ema, opt, extra, keep):
+    """out/step_XXXXXXX/{model,ema}.safetensors + trainer.pt, written in a temp folder and renamed, then the
+    'latest' pointer is replaced atomically: a kill -9 at any moment leaves the previous checkpoint intact."""
+    name = f"step_{step:07d}"
+    final = os.path.join(out, name)
+    shutil.rmtree(final, ignore_errors=True)  # a save that a kill interrupted before `latest` moved to it, now redone
+    with weights.atomic(final) as tmp:
+        os.makedirs(tmp)
+        if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
+            lora.save(model, tmp)
+        else:
+            weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
+        if ema is not None:
+            weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
+        with open(os.path.join(tmp, "trainer.pt"), "wb") as f:  # a file: a full disk surfaces as the OSError it is
+            torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), f)
+    with weights.atomic(os.path.join(out, "latest")) as tmp, open(tmp, "w") as f:
+        f.write(name)
+    old = sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep] if keep > 0 else []
+    for d in old:
+        shutil.rmtree(os.path.join(out, d))
+    return final
+
+
+def trainer_state(step, **load):
+    """A checkpoint folder's trainer.pt (optimizer state, step, data position, flags); damaged: one ValueError."""
+    try:
+        return torch.load(os.path.join(step, "trainer.pt"), weights_only=True, **load)
+    except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
+        raise ValueError(f"cannot read {step}/trainer.pt ({type(e).__name__}: {str(e).splitlines()[0]}); point the "
+                         "run's 'latest' at an earlier step_N folder") from None
+
+
+def recorded_flags(step):
+    """The flags the run of checkpoint folder `step` was trained with, {name: value} as in train.py's args; None for a
+    folder without trainer.pt (written by hand, or None). mmap: the optimizer state beside them is not read."""
+    if step is None or not os.path.isfile(os.path.join(step, "trainer.pt")):
+        return None
+    flags = trainer_state(step, map_location="cpu", mmap=True).get("args")
+    return {k: v for k, v in json.loads(flags).items() if k not in NOT_RECORDED} if flags else None
+
+
+def load_state(resume, opt, ema, device, global_batch, master):
+    """--resume: the optimizer state and EMA weights of checkpoint folder `resume` (its model was loaded when main
+    created the model) -> the step to continue from."""
+    state = trainer_state(resume, map_location=device)
+    opt.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
+    if state["global_batch"] != global_batch and master:
+        print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
+    return state["step"]
+
+
+def check_resume(args, resume, master):
+    """--out's latest checkpoint (or None) against the flags: a run is continued only with --resume, to a later
+    --steps, and with the model and optimizer it has: a flag that would change them is refused, not ignored. Rank 0
+    says which flags differ from the ones recorded in the checkpoint (cli.parse_train_args restored the others)."""
+    if resume is None:
+        if args.resume and master:
+            print(f"--resume: no checkpoint in {args.out} yet, starting fresh")
+        return
+    if not args.resume:  # a second run would mix its checkpoints with the first one's
+        raise ValueError(f"{args.out} already holds a run (latest: {os.path.basename(resume)}): add --resume to "
+                         "continue it, or give another --out (or delete the folder) to start afresh")
+    if (done := int(os.path.basename(resume).rpartition("_")[2])) >= args.steps:
+        raise ValueError(f"--steps {args.steps}: the run in {args.out} is already at step {done}; give a larger --steps "
+                         "to train on")
+    flags = recorded_flags(resume) or {}
+    changed = {k: (flags[k], v) for k, v in vars(args).items() if k in flags and flags[k] != v}
+    for k in FIXED:
+        if k in changed:
+            raise ValueError(f"--{k} {changed[k][1]}: the run in {args.out} was trained with {changed[k][0]}, whose "
+                             "state --resume continues; give its value, or start a new run with --init " + resume)
+    if master:
+        said = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+        print(f"train.py: --resume: {args.out} continues from {os.path.basename(resume)} with its recorded flags"
+              + (f"; changed: {said}" if said else ""))
+    if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
+        return
+    try:
+        saved = weights.checkpoint_config(os.path.join(resume, "model.safetensors"))
+    except Exception as e:  # damaged, or not written by this train.py
+        raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
+                         "point 'latest' at an earlier step_N folder, or start a new run") from None
+    layers = args.kv_compress_layers and hub.parse_layers(args.kv_compress_layers, saved.depth)
+    for flag, now, then in (("--image-size", args.image_size, saved.sample_size * args.vae_factor),
+                            ("--caption-tokens", args.caption_tokens, saved.caption_tokens),
+                            ("--kv-compress-layers", list(layers or saved.kv_compress_layers), list(saved.kv_compress_layers))):
+        if now != then:
+            raise ValueError(f"{flag} {now}: the run in {args.out} has {then}, and --resume continues its model as it "
+                             f"is; give the run's value, or start a new run with --init {resume}")
+    if bool(args.ema) != os.path.isfile(os.path.join(resume, "ema.safetensors")):  # EMA weights would be lost or missing
+        raise ValueError(f"--ema {args.ema}: the run in {args.out} was trained {'without' if args.ema else 'with'} EMA; "
+                         "give its --ema again")
+
+
+def cut_log(path, step):
+    """On --resume: log.jsonl back to the checkpoint's step. The steps logged after it (before a kill) are trained
+    again, so the log reads as one run; a line cut short by the kill goes too."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line.rstrip("\n") + "\n")
+        except ValueError:
+            pass
+    with weights.atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(keep)
