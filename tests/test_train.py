@@ -205,32 +205,36 @@ def test_quickstart_loss_goes_down(tmp_path, tiny):
 
 def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     """`sample.py --model <run>` and no other flag: the run's latest EMA weights, its own T5 and tokenizer (sample.json),
-    pixel space at the training size; the image equals train.py's preview of the same weights, prompt and seed
-    (same noise, CFG 4.5, x̂0 clipping, 20 DPM-Solver++ steps) within 1/255."""
+    pixel space at the training size; its images equal train.py's preview of the same weights, prompts and seed
+    (image k from seed + k: same noise, CFG 4.5, x̂0 clipping, 20 DPM-Solver++ steps; the preview samples all of its
+    images in one batch) within 1/255."""
     import sample
-    run, prompt = tmp_path / "run", "a red circle on a blue background"
+    run, prompts = tmp_path / "run", ["a red circle on a blue background", "a green square on a white background"]
     quickstart.train(run_args(run, "--steps", 4, "--ema", 0.5, "--save-every", 2))
     capsys.readouterr()  # train.py's lines: where the run is, how to sample it
     assert json.load(open(run / "sample.json")) == dict(text_encoder="text_encoder", tokenizer="tokenizer/spiece.model",
                                                         vae=None, pixel_scale=4.0)
-    assert sample.main([prompt, "--model", str(run), "--seed", "7", "--out", str(tmp_path / "out")]) == 0
-    png = Image.open(tmp_path / "out" / "00000-7.png")
-    assert png.size == (16, 16) and png.text["parameters"].startswith(prompt + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
-    assert png.text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
+    assert sample.main([*prompts, "--model", str(run), "--n", "2", "--seed", "7", "--out", str(tmp_path / "out")]) == 0
+    pngs = [Image.open(tmp_path / "out" / f"0000{k}-{7 + k}.png") for k in range(4)]  # prompt k // 2, seed 7 + k
+    assert pngs[0].size == (16, 16)
+    assert pngs[0].text["parameters"].startswith(prompts[0] + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
+    assert pngs[0].text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = weights.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
     args = cli.parse_train_args(run_args(run), quickstart.DEFAULTS, need_data=False)
     encoders = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))
-    y, mask = encoders.captions([prompt])
+    y, mask = encoders.captions(prompts)
     y_null, m_null = (v[0] for v in encoders.captions([""]))
-    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", "dpm", 1, seed=7, pixels=4.0)
-    expected = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[::8, ::8]  # tiles drawn 8x larger
-    got = np.asarray(png.convert("RGB"), dtype=np.int16)
-    assert got.std() > 5 and np.abs(got - expected).max() <= 1
+    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", "dpm", 2, seed=7, pixels=4.0)
+    grid = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[::8, ::8]  # tiles drawn 8x larger
+    for k, png in enumerate(pngs):  # row k // 2, column k % 2
+        expected = grid[16 * (k // 2):16 * (k // 2 + 1), 16 * (k % 2):16 * (k % 2 + 1)]
+        got = np.asarray(png.convert("RGB"), dtype=np.int16)
+        assert got.std() > 5 and np.abs(got - expected).max() <= 1, k
     # a checkpoint file of the run directly: its sample.json is one folder up; sizes from 16 px, no buckets
-    assert sample.main([prompt, "--model", str(run / "step_0000002" / "model.safetensors"), "--size", "32x16",
+    assert sample.main([prompts[0], "--model", str(run / "step_0000002" / "model.safetensors"), "--size", "32x16",
                         "--seed", "0", "--out", str(tmp_path / "out")]) == 0
-    assert Image.open(tmp_path / "out" / "00001-0.png").size == (32, 16)
-    assert len(capsys.readouterr().out.split()) == 2  # one path printed per image
+    assert Image.open(tmp_path / "out" / "00004-0.png").size == (32, 16)
+    assert len(capsys.readouterr().out.split()) == 5  # one path printed per image
     # `python quickstart.py score <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
     result = quickstart.main(["score", str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
     assert set(result) == {"seen", "held_out"} and 0 <= result["held_out"]["shape"] <= 1
