@@ -146,10 +146,15 @@ def run(args):
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
-    if gen_h * gen_w > 1.1 * trained**2:
-        print(f"sample.py: {gen_w}x{gen_h} is above the training size {trained}² of {name or path}: the DiT runs on a larger "
-              "grid through position-embedding interpolation" + ((" (no released checkpoint was trained at this size)" +
-              ("" if args.kv_compress else "; --kv-compress avgpool makes it faster")) if name else ""), file=sys.stderr)
+    # said before anything runs: far above the training size one step can take hours, or more memory than there is
+    rows = min(args.batch_size, len(prompts) * args.n) * (2 if args.cfg > 1 else 1)  # CFG: a null row per image
+    weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # on the CPU: already loaded
+    free = sizes.free_memory(device) - (weights_bytes if device.type == "cuda" else 0)
+    if note := sizes.check_cost(model.config, (height, width), factor, binning, rows, dtype.itemsize, free,
+                                sizes.flops_per_second(device, dtype), args.steps, args.force_size):
+        above = name and gen_h * gen_w > 1.1 * trained**2
+        print(f"sample.py: {note}" + ("; no released checkpoint was trained at this size" + (
+              "" if args.kv_compress else ", --kv-compress avgpool makes it faster") if above else ""), file=sys.stderr)
     if files is None or args.components:  # T5 and the VAE: may download them
         files = dict(hub.resolve_components(args.components, repo, model_arg), pixel_scale=pixel_scale)
     tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
@@ -172,4 +177,5 @@ def run(args):
 
 
 if __name__ == "__main__":
+    cli.stop_on_interrupt("sample.py")
     sys.exit(main())
