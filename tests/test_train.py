@@ -242,9 +242,9 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert Image.open(tmp_path / "grid.png").size == (270 + 6 * 128, len(quickstart.GRID_PROMPTS) * 128)
     assert "right shape" in capsys.readouterr().out
     os.remove(run / "sample.json")
-    with pytest.raises(SystemExit, match="not a quick-start run"):
+    with pytest.raises(ValueError, match="not a quick-start run"):
         quickstart.main(["score", str(run)])
-    with pytest.raises(SystemExit, match="no such run"):
+    with pytest.raises(ValueError, match="no such run"):
         quickstart.main(["score", str(tmp_path / "missing")])
 
 
@@ -614,6 +614,33 @@ def test_quickstart_holds_captions_out_of_training():
     assert drawn == seen  # all the others are drawn, the held-out ones never
     for word in {w for c in held for w in c.split()}:
         assert sum(word in c.split() for c in seen) >= 10, word
+
+
+def test_quickstart_threads_are_the_idle_cores(monkeypatch, capsys):
+    """pick_threads: one torch thread per core that other work leaves idle, at least one; OMP_NUM_THREADS decides when
+    set. busy_cores sees a spinning process as (at least half) a busy core."""
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for cores, busy, expected in ((2, 0.1, 2), (2, 0.9, 1), (2, 1.7, 1), (2, 3.0, 1), (4, 1.2, 3)):
+            torch.set_num_threads(cores)  # torch's default: the cores it may use
+            monkeypatch.setattr(quickstart, "busy_cores", lambda: busy)
+            assert quickstart.pick_threads("quickstart.py") == expected == torch.get_num_threads(), (cores, busy)
+        assert capsys.readouterr().out.splitlines()[-1] == ("quickstart.py: 3 torch threads: 1.2 of 4 cores busy with "
+                                                            "other work (OMP_NUM_THREADS=N to choose)")
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        monkeypatch.setattr(quickstart, "busy_cores", lambda: 1.9)
+        assert quickstart.pick_threads("quickstart.py") == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert 0.5 <= quickstart.busy_cores() <= (os.cpu_count() or 1)
+    finally:
+        spinner.kill()
 
 
 def test_quickstart_t5_tells_a_words_place(tmp_path):
