@@ -257,15 +257,16 @@ def log_step(log, bar, step, result, lr, images_per_s, skipped, world):
 def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
     """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
     runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
-    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k. All
-    images in one batch: at the quick start's size a forward of 16 images costs little more than one of 4."""
+    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
     model.eval()
-    P, n = len(y), per_prompt
-    gens = [torch.Generator().manual_seed(seed + k) for k in range(P * n)]
-    x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (P·n, C, h, w)
-    x = diffusion.sample(model, x, y.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), y_null, m_null, sampler,
-                         20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens, progress=False)
-    rows = decode(x).clamp(-1, 1).cpu().split(n)  # P × (n, 3, H, W)
+    rows = []
+    for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
+        gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
+        x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
+        x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
+                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
+                             progress=False)
+        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
     scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
