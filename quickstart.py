@@ -38,13 +38,15 @@ import t5 as t5lib
 import weights
 from tokenizer import Tokenizer
 
-# train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5
+# train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5.
+# 3 blocks and 2500 steps: 82 ms a step on 2 idle cores (4 blocks: 122 ms), held-out right shapes 99-100% for two seeds
+# (4 blocks: 99% at 2500 steps, 93% at 2000); previews with sample.py's DPM-Solver++ (20 steps: 0.75 s, IDDPM's 100: 4 s)
 DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
-                warmup=100, clip=1.0, ema=0.995, steps=3000, save_every=500, log_every=25, out="runs/quickstart",
-                workers=0, caption_tokens=16, lr_scaling=False, preview_every=500, preview_sampler="ancestral",
+                warmup=100, clip=1.0, ema=0.995, steps=2500, save_every=500, log_every=25, out="runs/quickstart",
+                workers=0, caption_tokens=16, lr_scaling=False, preview_every=500,
                 preview_prompts="a red circle on a blue background|a green square on a white background|"
                                 "a yellow triangle on a black background|a blue circle on a yellow background")
-DIT = dict(depth=4, hidden_size=128, num_heads=4, patch_size=2, in_channels=3, out_channels=6,
+DIT = dict(depth=3, hidden_size=128, num_heads=4, patch_size=2, in_channels=3, out_channels=6,
            caption_channels=64, caption_tokens=16, sample_size=16, pe_interpolation=1.0)
 T5 = dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2)
 

@@ -376,6 +376,7 @@ def test_train_py_skips_and_reports_images_without_captions(files, capsys):
     ("train.py", ["--data", "{root}/uncaptioned"], 1),
     ("quickstart.py", ["train", "--data", "x"], 2),
     ("quickstart.py", ["trian"], 2),
+    ("weak_to_strong.py", ["--fsat"], 2),
 ])
 def test_exit_status_in_a_real_process(cli, argv, rc, files):
     done = subprocess.run([sys.executable, os.path.join(ROOT, cli), *[a.format(root=files) for a in argv]],
