@@ -1,7 +1,7 @@
 """The paper's weak-to-strong training (PixArt-Σ §3) in miniature, on the quick start's shapes (quickstart.py).
 
-    python weak_to_strong.py --out runs/weak_to_strong      # ~47 min on 2 shared CPU cores
-    python weak_to_strong.py --fast --out runs/w2s_fast     # ~15 min: 800-step weak model, 200-step stages, 4 seeds
+    python weak_to_strong.py --out runs/weak_to_strong      # ~7 min on 2 idle CPU cores
+    python weak_to_strong.py --fast --out runs/w2s_fast     # ~2.5 min: 800-step weak model, 200-step stages, 4 seeds
 
 Each stage runs through train.main with the documented stage flags (not a loop of its own), and is compared with
 training the same model from scratch at the stage's target setting. Latent space this time: two tiny
@@ -146,7 +146,7 @@ def main(argv=None):
     """python weak_to_strong.py [--out DIR] [--fast]: the stages above, judged -> the results dict (results.json)."""
     p = cli.ArgumentParser(prog="weak_to_strong.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/weak_to_strong", help="experiment folder: VAEs, runs, results.json, plot")
-    p.add_argument("--fast", action="store_true", help="a ~5-minute version with fewer steps and seeds (the slow test)")
+    p.add_argument("--fast", action="store_true", help="a ~2.5-minute version with fewer steps and seeds (the slow test)")
     args = p.parse_args(argv)
     try:
         import matplotlib
