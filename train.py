@@ -13,7 +13,7 @@ Reading order: main, in sections (Setup DDP, Data, Create model, Encoders, Creat
 train_step (one optimizer step) and training_batches (one micro-batch and its seeded randomness); then the helpers
 in the order main calls them, and the checkpoints. The flags and their checks are in cli.py.
 
-    python quickstart.py train                                     # CPU, no download: shapes in ~10 min
+    python quickstart.py train                                     # CPU, no download: shapes in ~4 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
     python train.py --init 1024 --data my_images/ --lora-rank 16 --bf16 --grad-checkpoint --out runs/mylora   # lora.py
