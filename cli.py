@@ -7,6 +7,10 @@ import math
 import os
 import pathlib
 import re
+import signal
+import socket
+import sys
+import threading
 
 import torch
 
@@ -32,6 +36,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action):
         unset = action.default is None or action.default is False or action.default == "" or action.nargs == 0
         return action.help if unset else super()._get_help_string(action)
+
+
+def stop_on_interrupt(prog):
+    """Ctrl-C ends the process at once with one line, exit status 130, even inside one long torch operation: Python
+    raises KeyboardInterrupt only when the operation returns (a sampling step far above the training size can take
+    minutes). Its C-level signal handler writes each signal to a wakeup socket at once; a thread waiting on it exits.
+    For sampling only: nothing is lost there but the images not yet written (train.py saves on its own terms)."""
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    signal.signal(signal.SIGINT, lambda *_: None)  # the thread answers; the main thread carries on until it exits
+    signal.set_wakeup_fd(send.fileno())
+
+    def wait(receive, send):  # holds `send` too: were it garbage-collected, its descriptor would close
+        while receive.recv(1) != bytes([signal.SIGINT]):
+            pass
+        print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        os._exit(130)
+    threading.Thread(target=wait, args=(receive, send), daemon=True).start()
 
 
 def check_ranges(args, rules):
@@ -66,7 +88,9 @@ def sample_parser(doc):
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (added after the prompts above)")
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
-    p.add_argument("--size", help="1024, 2048, 4096 (square) or WxH such as 1344x768 (default: the model's training size)")
+    p.add_argument("--size", help="1024, 2048, 4096, 2K (square) or WxH such as 1344x768 (default: the model's training size)")
+    p.add_argument("--force-size", action="store_true", help="sample even when the size's estimated memory exceeds what "
+                   "is free (sample.py estimates it before it starts, and refuses)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")

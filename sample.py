@@ -10,7 +10,8 @@ A train.py run folder's sample.json names the components it trained with; a pixe
 `python quickstart.py train`) has no VAE: the DiT denoises the image itself (1, 3, H, W) × pixel_scale, x̂0 clipped.
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
-runs on the larger grid through position-embedding interpolation. Weights (hub.py): the Hugging Face cache.
+runs on the larger grid through position-embedding interpolation; what a size costs (tokens, memory, time) is
+said before sampling, and a size that cannot fit in memory is refused. Weights (hub.py): the Hugging Face cache.
 Image k of a run uses seed+k; its noise is drawn alone on the CPU, so one image equals diffusers'
 pipeline with generator=torch.Generator("cpu").manual_seed(seed), and batches never change an image.
 
@@ -146,10 +147,15 @@ def run(args):
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
-    if gen_h * gen_w > 1.1 * trained**2:
-        print(f"sample.py: {gen_w}x{gen_h} is above the training size {trained}² of {name or path}: the DiT runs on a larger "
-              "grid through position-embedding interpolation" + ((" (no released checkpoint was trained at this size)" +
-              ("" if args.kv_compress else "; --kv-compress avgpool makes it faster")) if name else ""), file=sys.stderr)
+    # said before anything runs: far above the training size one step can take hours, or more memory than there is
+    rows = min(args.batch_size, len(prompts) * args.n) * (2 if args.cfg > 1 else 1)  # CFG: a null row per image
+    weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # on the CPU: already loaded
+    free = sizes.free_memory(device) - (weights_bytes if device.type == "cuda" else 0)
+    if note := sizes.check_cost(model.config, (height, width), factor, binning, rows, dtype.itemsize, free,
+                                sizes.flops_per_second(device, dtype), args.steps, args.force_size):
+        above = name and gen_h * gen_w > 1.1 * trained**2
+        print(f"sample.py: {note}" + ("; no released checkpoint was trained at this size" + (
+              "" if args.kv_compress else ", --kv-compress avgpool makes it faster") if above else ""), file=sys.stderr)
     if files is None or args.components:  # T5 and the VAE: may download them
         files = dict(hub.resolve_components(args.components, repo, model_arg), pixel_scale=pixel_scale)
     tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
@@ -172,4 +178,5 @@ def run(args):
 
 
 if __name__ == "__main__":
+    cli.stop_on_interrupt("sample.py")
     sys.exit(main())

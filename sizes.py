@@ -8,13 +8,16 @@ back to H×W ("resolution binning"); this file does the same, with the same tabl
 training size (4096² from the 2K model) there is no bucket: the nearest one is scaled up to the
 requested area and the DiT runs on that larger token grid, its position table stretched to it
 (sigma.py: pe_interpolation keeps positions in [0, 32)). diffusers would generate at the training
-size and upsample instead.
+size and upsample instead. What a size costs (tokens, memory, time) is estimated before sampling starts
+(check_cost): far above the training size a single step can take hours, or more memory than the machine has.
 """
 import json
 import math
 import os
 import re
+import time
 
+import torch
 import torch.nn.functional as F
 
 TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aspect_ratios.json")
@@ -53,7 +56,7 @@ def parse_size(text, latent=True):
     model (the quick start), which has no VAE and so no multiple-of-8 rule (generation rounds up to whole patches)."""
     m = re.fullmatch(r"(\d+)(?:[x*](\d+))?", {"1K": "1024", "2K": "2048", "4K": "4096"}.get(text.upper(), text))
     if not m:
-        raise ValueError(f"--size must be a number (1024, 2048, 4096) or WxH (e.g. 1344x768), got {text!r}")
+        raise ValueError(f"--size must be 1024, 2048, 4096, 1K, 2K, 4K (square) or WxH (e.g. 1344x768), got {text!r}")
     width, height = int(m[1]), int(m[2] or m[1])
     if latent and (width % 8 or height % 8):  # as diffusers' pipeline requires: the VAE maps 8x8 pixels to 1 latent
         raise ValueError(f"--size must be a multiple of 8 on both sides (the VAE turns 8x8 pixels into one latent), "
@@ -63,12 +66,17 @@ def parse_size(text, latent=True):
     return height, width
 
 
+def grid_step(config, factor):
+    """Pixels per step of the token grid: whole patches of `factor` pixels per latent, and whole KV-compression blocks."""
+    return factor * config.patch_size * (config.kv_compress_ratio if config.kv_compress_layers else 1)
+
+
 def generation_size(height, width, config, binning=True, factor=8):
     """The (height, width) the DiT runs at for a requested size: the nearest bucket of the model's table
     (scaled up to the requested area far above the training size), or with binning=False the size itself,
     each rounded up to whole patches (and KV-compression blocks) of `factor` pixels per latent (8: the VAE's,
     1: pixel space); resize_and_crop brings it back."""
-    step = factor * config.patch_size * (config.kv_compress_ratio if config.kv_compress_layers else 1)
+    step = grid_step(config, factor)
     if binning:
         if config.sample_size not in BIN_TABLES:
             raise ValueError(f"no aspect-ratio table for a model trained at {8 * config.sample_size} px: use --no-binning")
@@ -90,3 +98,89 @@ def resize_and_crop(images, height, width):
     images = F.interpolate(images, size=(int(h * scale), int(w * scale)), mode="bilinear", align_corners=False)
     top, left = (images.shape[2] - height) // 2, (images.shape[3] - width) // 2
     return images[:, :, top:top + height, left:left + width]
+
+
+# ---------------------------------------------------------------------------------------------- what a size costs
+ACTIVATIONS = 16  # (rows, T, D) tensors alive at a block's peak without grad: x, qkv (3), the MLP's hidden and its GELU
+                  # (4 + 4), norms and temporaries; measured on the CPU (fp32, 1K-65K tokens, width 128 and 1152): 11-19
+
+
+def dit_cost(config, height, width, factor, rows, dtype_bytes):
+    """One DiT forward at a generation size (height × width pixels, `factor` pixels per latent) over `rows` rows (with
+    CFG two per image) -> (T image tokens, bytes of activations at its peak, FLOPs). Attention runs fused
+    (scaled_dot_product_attention's flash and memory-efficient kernels): its memory grows like T, its work like T²,
+    which is what dominates far above the training size."""
+    D, L, depth, kv = config.hidden_size, config.caption_tokens, config.depth, len(config.kv_compress_layers)
+    T = (height // (factor * config.patch_size)) * (width // (factor * config.patch_size))
+    keys = T * (depth - kv) + T // config.kv_compress_ratio**2 * kv  # keys per query, summed over the blocks
+    linear = 2 * 14 * D * D * depth * T  # per token and block: qkv 3D², proj, cross q and proj 2D², MLP 8D²
+    flops = rows * (linear + 4 * D * T * keys + 4 * D * T * L * depth)  # + QKᵀ and AV, self and cross
+    return T, rows * T * D * dtype_bytes * ACTIVATIONS, flops
+
+
+def check_cost(config, requested, factor, binning, rows, dtype_bytes, free_bytes, flops_per_s, steps, force=False):
+    """Sampling at `requested` (height, width), against the model's training size -> a warning line when the DiT's token
+    count is above 1.1x the training size's or 4x below it (None otherwise), with the estimated memory and time; a
+    ValueError when the activations would not fit in `free_bytes`, naming the largest size of the same shape that
+    fits (force: a warning instead)."""
+    trained, step = factor * config.sample_size, grid_step(config, factor)
+    T0 = dit_cost(config, trained, trained, factor, 1, dtype_bytes)[0]
+    (h, w), (gh, gw) = requested, generation_size(*requested, config, binning, factor)
+    T, memory, flops = dit_cost(config, gh, gw, factor, rows, dtype_bytes)
+    line = f"--size {w}x{h}"
+    if (gh, gw) != (h, w):
+        line += (f" is sampled at {gw}x{gh} (" + ("the nearest trained aspect-ratio bucket" if binning else
+                 f"sides rounded up to whole {step}-px patches") + "; the image is resized back)")
+    line += f": {T:,} tokens, {T / T0:.3g}x the {T0:,} of its training size {trained}²"
+    if T > 1.1 * T0:
+        line += ": the DiT runs on a larger grid through position-embedding interpolation"
+    if T > 4 * T0 or T < T0 / 4:
+        line += ", far from what it was trained at: expect a poor image"
+    line += (f"; estimated {memory / 2**30:.3g} GiB of activations ({free_bytes / 2**30:.3g} GiB free), "
+             f"at least {duration(steps * flops / flops_per_s)} for {steps} step{'s' * (steps > 1)}")
+    if memory > free_bytes:
+        # the largest size of this shape whose generation size fits: memory grows with the size (binning keeps the
+        # training bucket's area up to 1.5x it), so a bisection on the scale of the sides finds it
+        unit = 8 if factor > 1 else 1  # what --size accepts
+        scaled = lambda s: tuple(max(16, unit * int(side * s / unit)) for side in (h, w))
+        fits = lambda s: dit_cost(config, *generation_size(*scaled(s), config, binning, factor), factor, rows,
+                                  dtype_bytes)[1] <= free_bytes
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            lo, hi = ((lo + hi) / 2, hi) if fits((lo + hi) / 2) else (lo, (lo + hi) / 2)
+        fh, fw = scaled(lo)
+        largest = (f"the largest size of this shape that fits is about {fw}x{fh}" if fits(lo) else
+                   "not even the smallest size of this shape fits" + (" at this --batch-size" if rows > 2 else ""))
+        if not force:
+            raise ValueError(f"{line}: it would not fit; {largest} (--force-size to try anyway)")
+        return f"{line}: it may not fit ({largest}); sampling anyway (--force-size)"
+    return line if T > 1.1 * T0 or T < T0 / 4 else None
+
+
+def free_memory(device):
+    """Bytes free for the DiT's activations: the accelerator's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be allocated without swapping
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", open("/proc/meminfo").read())[1]) * 1024
+    except (OSError, TypeError):  # no /proc (macOS, Windows): all of it
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def flops_per_second(device, dtype, n=1024):
+    """This device's matrix-product rate in `dtype`, from the faster of two n×n products (~0.02 s on a CPU core)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        (a @ a)[0, 0].item()  # .item(): waits for an accelerator
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def duration(seconds):
+    """A rough duration in words: 40 s, 12 min, 3.5 h, 9 days."""
+    for unit, length in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * length:
+            return f"{seconds / length:.2g} {unit}"
+    return f"{seconds:.2g} s"

@@ -13,7 +13,7 @@ Reading order: main, in sections (Setup DDP, Data, Create model, Encoders, Creat
 train_step (one optimizer step) and training_batches (one micro-batch and its seeded randomness); then the helpers
 in the order main calls them. cli.py holds the flags and their checks, checkpoints.py the run's folder and its stops.
 
-    python quickstart.py train                                     # CPU, no download: shapes in ~10 min
+    python quickstart.py train                                     # CPU, no download: shapes in ~4 min
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
     python train.py --init 1024 --data my_images/ --lora-rank 16 --bf16 --grad-checkpoint --out runs/mylora   # lora.py
@@ -285,14 +285,15 @@ def preview_drawer(args, model, encoders, null):
 @torch.no_grad()
 def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
     """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
-    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes)."""
+    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
+    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
     model.eval()
     rows = []
-    for p in range(len(y)):
-        g = torch.Generator().manual_seed(seed + p)
-        x = torch.randn((per_prompt, model.config.in_channels, *hw), generator=g).to(y.device)
+    for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
+        gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
+        x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
         x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
-                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=g,
+                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
                              progress=False)
         rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()

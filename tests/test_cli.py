@@ -6,18 +6,25 @@ The main() functions run in-process, with the heavy and networked functions repl
 network call, fails its row; one subprocess row per CLI proves the real exit code."""
 import json
 import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
+import cli
+import diffusion
 import hub
 import quickstart
 import sample
 import sigma
+import sizes
 import train
 import weights
 
@@ -138,7 +145,7 @@ SAMPLE_ROWS = [  # (argv with {root} for the files fixture, what the line must s
     (["a cat", "--dtype", "fp8"], "--dtype 'fp8' is unknown: use one of auto, fp32, float32, bf16, bfloat16, fp16, float16, half"),
     (["a cat", "--size", "1000x1001"], "--size must be a multiple of 8 on both sides (the VAE"),
     (["a cat", "--size", "9000"], "--size 9000x9000 is out of range"),
-    (["a cat", "--size", "big"], "--size must be a number"),
+    (["a cat", "--size", "big"], "--size must be 1024, 2048, 4096, 1K, 2K, 4K (square) or WxH"),
     (["a cat", "--model", "{root}/run", "--size", "8"], "--size 8x8 is out of range: sides from 16 px"),
     (["a cat", "--kv-compress", "maxpool"], "--kv-compress mode must be conv, uniform or avgpool"),
     (["a cat", "--kv-compress", "conv:30"], "--kv-compress conv:30: the model has blocks 0-27, not 30"),
@@ -182,6 +189,77 @@ def test_sample_py_warns_of_unknown_words(files, capsys, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert rc == 0 and len(err) == 1
     assert "'purple', 'hexagon'" in err[0] and "a purple hexagon" in err[0] and "<unk>" in err[0]
+
+
+SIZE_ROWS = [  # (--size for the fixture's run: 16 px, 2-px patches, 64 tokens; what sample.py says first, or None)
+    ("16", None),
+    ("17x20", "sample.py: --size 17x20 is sampled at 18x20 (sides rounded up to whole 2-px patches; the image is "
+              "resized back): 90 tokens, 1.41x the 64 of its training size 16²: the DiT runs on a larger grid through "
+              "position-embedding interpolation; estimated "),
+    ("24", "sample.py: --size 24x24: 144 tokens, 2.25x the 64 of its training size 16²: the DiT runs on a larger grid"),
+    ("40x48", "sample.py: --size 40x48: 480 tokens, 7.5x the 64 of its training size 16²: the DiT runs on a larger grid "
+              "through position-embedding interpolation, far from what it was trained at: expect a poor image; estimated"),
+]
+
+
+@pytest.mark.parametrize("size,message", SIZE_ROWS, ids=[s for s, _ in SIZE_ROWS])
+def test_sample_py_says_what_a_size_costs(size, message, files, capsys, monkeypatch):
+    """Before sampling: the rounding of a size, its tokens against the training size's, the estimated memory and time;
+    then the image is sampled at the size asked for."""
+    monkeypatch.undo()  # a real (tiny) run, sampled for one step
+    out = files / f"size{size}"
+    assert sample.main(["a red circle", "--model", str(files / "run"), "--size", size, "--steps", "1", "--seed", "0",
+                        "--out", str(out)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample.py:")]
+    assert said == [] if message is None else len(said) == 1 and said[0].startswith(message), said
+    if message:
+        assert " GiB of activations (" in said[0] and " GiB free), at least " in said[0] and said[0].endswith(" for 1 step")
+    w, h = map(int, (size + "x" + size).split("x")[:2])
+    assert Image.open(out / "00000-0.png").size == (w, h)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_sample_py_refuses_a_size_that_cannot_fit(force, files, capsys, monkeypatch):
+    """1 MiB free and a size whose activations take 4 MiB: refused in one line naming the largest size that fits
+    (before anything is sampled), or with --force-size, said and sampled."""
+    monkeypatch.undo()
+    monkeypatch.setattr(sizes, "free_memory", lambda device: 2**20)
+    if not force:
+        monkeypatch.setattr(diffusion, "sample", refuse("sampling"))
+    out = files / f"forced{force}"
+    argv = ["a red circle", "--model", str(files / "run"), "--size", "64", "--steps", "1", "--seed", "0", "--out", str(out)]
+    rc = sample.main(argv + ["--force-size"] * force)
+    if force:
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample.py:")]
+        assert rc == 0 and len(said) == 1 and said[0].endswith(": it may not fit (the largest size of this shape that fits is about 32x32); sampling anyway "
+                                                               "(--force-size)"), said
+        assert Image.open(out / "00000-0.png").size == (64, 64)
+    else:
+        line = one_line(capsys, rc)
+        assert rc == 2 and line.startswith("sample.py: error: --size 64x64: 1,024 tokens, 16x the 64 of its training size")
+        assert "estimated 0.00391 GiB of activations (0.000977 GiB free), at least " in line
+        assert "it would not fit; the largest size of this shape that fits is about 32x32 (--force-size to try anyway)" in line
+        assert not out.exists()
+
+
+def test_ctrl_c_stops_sampling_at_once(files):
+    """Ctrl-C inside one long operation (self-attention over 262,144 tokens, minutes): one line, exit 130, at once."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "a red circle", "--model", str(files / "run"),
+                          "--size", "1024", "--steps", "1", "--out", str(files / "interrupted")],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        warning = p.stderr.readline()  # said before sampling starts
+        assert warning.startswith("sample.py: --size 1024x1024: 262,144 tokens"), warning
+        time.sleep(1.5)  # in the first DiT forward by now
+        start = time.time()
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=15)[1]
+        assert p.returncode == 130 and time.time() - start < 5, (p.returncode, rest)
+        lines = [line for line in rest.replace("\r", "\n").splitlines() if line.strip() and "dpm-solver++" not in line]
+        assert lines == ["sample.py: interrupted (Ctrl-C)"], rest
+    finally:
+        p.kill()
 
 
 def run_train(capsys, argv, quick=False):
@@ -266,16 +344,22 @@ def test_train_py_rows(argv, quick, message, files, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "give a command: train, score"),
-    (["score", "{root}/missing"], "no such run '{root}/missing'"),
+    ([], "quickstart.py: error: no command: give one of train, score"),
+    (["trian"], "quickstart.py: error: unknown command 'trian': give one of train, score"),
+    (["score", "{root}/missing"], "quickstart.py: error: no such run '{root}/missing'"),
     (["score", "{root}/fresh"], "quickstart.py score {root}/fresh is a train.py run with no checkpoint yet"),
     (["score", "{root}/run", "--n", "0"], "need --n >= 1"),
     (["score", "{root}/run", "--steps", "0"], "1 <= --steps <= 1000"),
+    (["score", "{root}/run", "--sed", "3"], "quickstart.py score: error: unrecognized arguments: --sed 3"),
 ])
-def test_quickstart_score_rows(argv, message, files, capsys):
-    with pytest.raises((SystemExit, ValueError)) as e:
-        quickstart.main([a.format(root=files) for a in argv])
-    assert message.format(root=files) in str(e.value).splitlines()[-1] and "Traceback" not in str(e.value)
+def test_quickstart_rows(argv, message, files, capsys, monkeypatch):
+    """quickstart.py's __main__, in-process: one line on stderr, exit status 2 as sample.py's."""
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", *[a.format(root=files) for a in argv]])
+    monkeypatch.setattr(cli, "stop_on_interrupt", lambda prog: None)  # not in pytest's own process
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # pick_threads leaves the threads alone
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "quickstart.py"), run_name="__main__")
+    assert e.value.code == 2 and message.format(root=files) in one_line(capsys, e.value.code)
 
 
 def test_train_py_skips_and_reports_images_without_captions(files, capsys):
@@ -291,6 +375,8 @@ def test_train_py_skips_and_reports_images_without_captions(files, capsys):
     ("sample.py", ["a cat", "--steps", "0"], 2),
     ("train.py", ["--data", "{root}/uncaptioned"], 1),
     ("quickstart.py", ["train", "--data", "x"], 2),
+    ("quickstart.py", ["trian"], 2),
+    ("weak_to_strong.py", ["--fsat"], 2),
 ])
 def test_exit_status_in_a_real_process(cli, argv, rc, files):
     done = subprocess.run([sys.executable, os.path.join(ROOT, cli), *[a.format(root=files) for a in argv]],

@@ -123,6 +123,66 @@ def test_generation_size_without_binning_and_with_kv_compression():
     assert sizes.parse_size("2k") == (2048, 2048)
 
 
+@pytest.mark.parametrize("config,side,factor", [
+    (sigma.SigmaConfig(depth=4, hidden_size=128, num_heads=4, in_channels=3, caption_channels=64, caption_tokens=16,
+                       sample_size=16), 128, 1),  # the quick start's DiT in pixel space, 8x its side
+    (sigma.SigmaConfig(depth=2, hidden_size=64, num_heads=2, caption_channels=32, caption_tokens=20, sample_size=16,
+                       kv_compress_layers=(1,)), 256, 8)])  # latents, KV compression in one of two blocks
+def test_size_cost_counts_the_flops_torch_counts(config, side, factor):
+    """sizes.dit_cost's FLOPs against torch's FlopCounterMode over a real forward (attention by the math kernel,
+    whose products it counts), within 5%: what it leaves out (embedders, final layer) is that small."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model, h = sigma.PixArtSigma(config).eval(), side // factor
+    args = (torch.randn(2, config.in_channels, h, h), torch.full((2,), 5), torch.randn(2, config.caption_tokens,
+            config.caption_channels), torch.ones(2, config.caption_tokens))
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(*args)
+    tokens, _, flops = sizes.dit_cost(config, side, side, factor, 2, 4)
+    assert tokens == (h // 2) ** 2 and flops == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_size_cost_refuses_and_names_a_size_that_fits():
+    """The largest size the refusal names passes the check, a size 10% larger on each side is refused, and with
+    force=True only said; when not even the training bucket fits, the refusal says so."""
+    config = sigma.CONFIGS["2K"]
+    check = lambda hw, free, force=False: sizes.check_cost(config, hw, 8, True, 2, 2, free, 1e14, 20, force)
+    with pytest.raises(ValueError, match="it would not fit; the largest size of this shape that fits is about") as e:
+        check((4096, 3072), 2 * 2**30)
+    w, h = map(int, str(e.value).split("fits is about ")[1].split()[0].split("x"))
+    assert 0.25 < w * h / (4096 * 3072) < 1 and abs(w / h - 3072 / 4096) < 0.02
+    assert check((h, w), 2 * 2**30) is not None  # above the training size: said, not refused
+    with pytest.raises(ValueError, match="would not fit"):
+        check((int(h * 1.1) // 16 * 16, int(w * 1.1) // 16 * 16), 2 * 2**30)
+    assert "it may not fit" in check((4096, 3072), 2 * 2**30, force=True)
+    assert check((2048, 2048), 2 * 2**30) is None  # the training size: nothing to say
+    with pytest.raises(ValueError, match="it would not fit; not even the smallest size of this shape fits"):
+        check((4096, 3072), 2**30)  # the 2048² bucket alone takes 1.1 GiB
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory read from Linux's /proc")
+def test_size_cost_memory_is_the_measured_peak():
+    """sizes.dit_cost's activation memory against the peak resident memory a forward adds (fresh process, Linux's
+    VmHWM reset first), at 16K tokens of the quick start's width: within 0.6-1.5x (measured 1.0x)."""
+    code = """if True:
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import sigma, sizes
+        torch.set_num_threads(1)
+        config = sigma.SigmaConfig(depth=1, hidden_size=128, num_heads=4, in_channels=3, caption_channels=64,
+                                   caption_tokens=16, sample_size=16)
+        model, status = sigma.PixArtSigma(config).eval(), lambda key: int(open("/proc/self/status").read().split(key)[1].split()[0])
+        x, t, y, mask = torch.randn(2, 3, 256, 256), torch.full((2,), 5), torch.randn(2, 16, 64), torch.ones(2, 16)
+        with torch.no_grad():
+            model(x[..., :16, :16], t, y, mask)
+            before = status("VmRSS:")
+            open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+            model(x, t, y, mask)
+        print((status("VmHWM:") - before) * 1024 / sizes.dit_cost(config, 256, 256, 1, 2, 4)[1])"""
+    ratio = float(subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, check=True).stdout)
+    assert 0.6 <= ratio <= 1.5, ratio
+
+
 def test_resize_and_crop_matches_diffusers():
     x = torch.randn(2, 3, 208, 304)
     for h, w in [(256, 384), (200, 240), (208, 304), (100, 400)]:

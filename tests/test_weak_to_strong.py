@@ -36,12 +36,13 @@ def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_weak_to_strong_fast_shows_the_effect(tmp_path, one_thread):
-    # `python weak_to_strong.py --fast` (15 min on 2 cores shared with 5 other jobs): the 32 px model
-    # adapted from the 16 px one beats the same model trained from scratch at 32 px for as many steps by a clear
-    # margin (measured 38.3 vs 13.3 at 200 steps); the KV model with its averaging-init conv, before any
-    # fine-tuning, stays near the uncompressed model (30.0 vs 38.3; the full run: 38.3 vs 47.1). build_model
-    # ignoring --init's weights fails the first. The second is a weak guard: on this tiny model, zeroing the
-    # deep half's keys and values outright scores 37.5 (README, 'Weak-to-strong in miniature').
+    # `python weak_to_strong.py --fast` (2.4 min on 2 idle cores; 15 min with one thread on 2 cores shared with 5
+    # other jobs): the 32 px model adapted from the 16 px one beats the same model trained from scratch at 32 px for
+    # as many steps by a clear margin (measured 39.2 vs 12.5 at 200 steps with 2 threads, 38.3 vs 13.3 with 1); the
+    # KV model with its averaging-init conv, before any fine-tuning, stays near the uncompressed model (29.2 vs 39.2;
+    # the full run: 43.3 vs 50.8). build_model ignoring --init's weights fails the first (planted: adapted 12.5,
+    # scratch 12.5). The second is a weak guard: on this tiny model, zeroing the deep half's keys and values
+    # outright scores 37.5 (README, 'Weak-to-strong in miniature').
     weak_to_strong.main(["--fast", "--out", str(tmp_path)])
     results = json.load(open(tmp_path / "results.json"))
     resolution, kv = results["stages"]["resolution"], results["stages"]["kv"]
