@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import pathlib
-import re
 import signal
 import socket
 import sys

@@ -83,15 +83,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     components = setup_run_folder(args, components, master, world)
 
     # Create model: --init (the weak-to-strong stages: build_model), or the run's own on --resume; LoRA adapters
-    if resume and not args.lora_rank:
-        model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
-    else:
-        model = build_model(args, device, config)
-    if args.lora_rank:  # the base model frozen, adapters around its layers: they alone train and are saved
-        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
-        if resume:
-            lora.load(model, resume)
-    model.gradient_checkpointing = args.grad_checkpoint
+    model = create_model(args, resume, device, config)
 
     # Encoders: T5 and the VAE (or the feature cache that replaces them), the null caption T5(""), preview prompts
     tokens = model.config.caption_tokens
@@ -112,11 +104,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
     global_batch = args.batch_size * world * args.grad_accum
     lr = args.lr * math.sqrt(global_batch / 256) if args.lr_scaling else args.lr
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "came":
-        opt = CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    opt = create_optimizer(args, model, lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
@@ -353,6 +341,21 @@ def setup_run_folder(args, components, master, world):
     return components
 
 
+def create_model(args, resume, device, config=None):
+    """The model to train: --init built by build_model (every weak-to-strong stage), or on --resume the run's own
+    weights; with --lora-rank, the base model frozen and adapters around its layers (they alone train and are saved)."""
+    if resume and not args.lora_rank:
+        model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
+    else:
+        model = build_model(args, device, config)
+    if args.lora_rank:
+        lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
+        if resume:
+            lora.load(model, resume)
+    model.gradient_checkpointing = args.grad_checkpoint
+    return model
+
+
 def build_model(args, device, config=None):
     """--init: 'scratch' (the released --config, or `config` when a caller such as the quick start gives one), a
     released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
@@ -441,6 +444,14 @@ def feature_cache(args, records, table, caption_tokens, resolve_components, devi
     return data.CachedDataset(args.cache), Caption(null["y"], null["mask"])
 
 
+def create_optimizer(args, model, lr):
+    """CAME with the official configs' betas and eps, or AdamW, over the weights that train."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "came":
+        return CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+
+
 if __name__ == "__main__":
     try:
         main()
@@ -449,3 +460,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the step under way is saved first)
         print("train.py: interrupted before training began: nothing to save", file=sys.stderr)
         raise SystemExit(130)
+

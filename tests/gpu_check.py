@@ -15,7 +15,6 @@ section, so a run cut short still leaves what it measured). Tests run --dry (tes
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import gc
 import json

@@ -18,7 +18,6 @@ import lora
 import quickstart
 import sample
 import sigma
-import train
 import weights
 from test_sigma import TINY, diffusers_model, inputs, reference_forward
 
