@@ -12,7 +12,7 @@ What a fault does (the README's "When things go wrong"), and where:
 - SIGTERM or SIGINT: the step under way finishes and is saved, then the run stops; a second one ends it at once
   (Interrupts, main);
 - a loss or gradient norm that is not finite: train.train_step skips the step; too many in a row stop the run
-  (diverged); weights that are not finite are never saved (save);
+  (count_skipped, diverged); weights that are not finite are never saved (save);
 - a save the file system refuses (disk full, read-only, quota): nothing of the step is kept, `latest` stays (save);
 - a rank that dies or hangs: the others stop within --ddp-timeout (Interrupts).
 A run that stops early says why in one line and exits with status 128 + the signal's number after a signal (its step
@@ -93,6 +93,22 @@ class Interrupts:
                   "it with --resume on a new launch", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)  # not SystemExit: the broken process group's destructor would abort or wait
+
+
+def count_skipped(result, step, in_a_row, args, rank):
+    """train.train_step's result -> the steps skipped in a row (their loss or gradient norm not finite), each one said;
+    --max-nonfinite of them stop the run (diverged: the last good checkpoint, and what to change)."""
+    if result.finite:
+        return 0
+    loss, in_a_row = (result.sums[0] / result.sums[3]).item(), in_a_row + 1
+    what = f"loss {loss:g}, gradient norm {result.grad_norm.item():g}"
+    if in_a_row >= args.max_nonfinite:
+        diverged(args, step, f"{in_a_row} steps in a row with a non-finite loss or gradient ({what}), each skipped: "
+                 "training stops", rank)
+    if rank == 0:
+        tqdm.write(f"train.py: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
+                   f"--max-nonfinite {args.max_nonfinite} stops the run)", file=sys.stderr)
+    return in_a_row
 
 
 def diverged(args, step, what, rank):

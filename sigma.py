@@ -53,10 +53,6 @@ class SigmaConfig:
         if bad := [i for i in self.kv_compress_layers if not 0 <= i < self.depth]:
             raise ValueError(f"kv_compress_layers {bad} outside the {self.depth} blocks")
 
-    @property
-    def base_size(self):  # token grid side of the training resolution
-        return self.sample_size // self.patch_size
-
 
 # The released XL/2 models (PixArt-alpha/PixArt-Sigma-XL-2-*; their diffusers configs): same network, different training resolution.
 CONFIGS = {
@@ -273,7 +269,8 @@ class PixArtSigma(nn.Module):
         key = (h, w, device, dtype)
         if key not in self._pos_cache:
             c = self.config
-            self._pos_cache[key] = pos_embed_2d(c.hidden_size, h, w, c.base_size, c.pe_interpolation).to(device, dtype)
+            base = c.sample_size // c.patch_size  # the token grid of the training resolution
+            self._pos_cache[key] = pos_embed_2d(c.hidden_size, h, w, base, c.pe_interpolation).to(device, dtype)
         return self._pos_cache[key]  # (T, D)
 
     def forward(self, x, t, y, mask):

@@ -129,7 +129,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
             result = train_step(net, model, ema, opt, batches, args, world, autocast)
             step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
-            nonfinite, in_a_row = nonfinite + (not result.finite), count_skipped(result, step, in_a_row, args, rank)
+            nonfinite, in_a_row = nonfinite + (not result.finite), checkpoints.count_skipped(result, step, in_a_row, args, rank)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
                 now = time.time()
@@ -244,22 +244,6 @@ def log_step(log, bar, step, result, lr, images_per_s, counts):
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
         log.write(json.dumps(record) + "\n")
         log.flush()
-
-
-def count_skipped(result, step, in_a_row, args, rank):
-    """train_step's result -> the steps skipped in a row (their loss or gradient norm not finite), each one said;
-    --max-nonfinite of them stop the run (checkpoints.diverged: the last good checkpoint, and what to change)."""
-    if result.finite:
-        return 0
-    loss, in_a_row = (result.sums[0] / result.sums[3]).item(), in_a_row + 1
-    what = f"loss {loss:g}, gradient norm {result.grad_norm.item():g}"
-    if in_a_row >= args.max_nonfinite:
-        checkpoints.diverged(args, step, f"{in_a_row} steps in a row with a non-finite loss or gradient ({what}), each "
-                             "skipped: training stops", rank)
-    if rank == 0:
-        tqdm.write(f"train.py: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
-                   f"--max-nonfinite {args.max_nonfinite} stops the run)", file=sys.stderr)
-    return in_a_row
 
 
 def preview_drawer(args, model, encoders, null):
