@@ -129,7 +129,8 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
             result = train_step(net, model, ema, opt, batches, args, world, autocast)
             step, skipped, images_since_log = step + 1, skipped + result.skipped, images_since_log + global_batch
-            nonfinite, in_a_row = nonfinite + (not result.finite), checkpoints.count_skipped(result, step, in_a_row, args, rank)
+            nonfinite += not result.finite
+            in_a_row = checkpoints.count_skipped(result, step, in_a_row, args, rank)  # too many in a row: stops
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
                 now = time.time()
