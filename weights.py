@@ -325,8 +325,9 @@ def _fill_in(sd, expected, config):
               f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
     if "y_embedder.y_embedding" not in sd:
         sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels, **new)
-        print("weights: no null-caption embedding in this checkpoint (diffusers format): zeros stored, "
-              "encode T5(\"\") where one is needed", file=sys.stderr)
+        print("weights: note: diffusers' format keeps no null-caption embedding (y_embedding); zeros are put in its "
+              "place, which is fine: sampling never reads it (T5 encodes the negative prompt) and train.py fills it "
+              "with T5(\"\")", file=sys.stderr)
     return sd
 
 
