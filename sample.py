@@ -11,7 +11,7 @@ A train.py run folder's sample.json names the components it trained with; a pixe
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
 runs on the larger grid through position-embedding interpolation; what a size costs (tokens, memory, time) is
-said before sampling, and a size that cannot fit in memory is refused. Weights (hub.py): the Hugging Face cache.
+said before sampling, and a size that cannot fit in memory, or would take over an hour, is refused. Weights (hub.py): the Hugging Face cache.
 Image k of a run uses seed+k; its noise is drawn alone on the CPU, so one image equals diffusers'
 pipeline with generator=torch.Generator("cpu").manual_seed(seed), and batches never change an image.
 
