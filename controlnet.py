@@ -45,11 +45,12 @@ class ControlBlock(nn.Module):
 
     def __init__(self, block, first):
         super().__init__()
-        D = block.scale_shift_table.shape[1]
+        table = block.scale_shift_table  # (6, D): the block's width, device and dtype
+        like = dict(device=table.device, dtype=table.dtype)
         self.copied_block = copy.deepcopy(block)  # starts as the base block's weights (ControlNet's "trainable copy")
         if first:
-            self.before_proj = nn.Linear(D, D)
-        self.after_proj = nn.Linear(D, D)
+            self.before_proj = nn.Linear(table.shape[1], table.shape[1], **like)
+        self.after_proj = nn.Linear(table.shape[1], table.shape[1], **like)
         for proj in (getattr(self, "before_proj", None), self.after_proj):
             if proj is not None:  # zero: the copy adds nothing until it has learned something (ControlNet §3.1)
                 nn.init.zeros_(proj.weight)

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches a hub, here or on the GPU machine
 
+import controlnet  # noqa: E402
 import diffusion  # noqa: E402
 import sample  # noqa: E402
 import sigma  # noqa: E402
@@ -450,6 +451,36 @@ def speed_dit(c, compiled=False):
         dev.free()
 
 
+def speed_controlnet(c):
+    """ControlNet (PixArt-δ: copies of XL/2's first 13 blocks) at 1024², CFG batch of 2, bf16: forward time and peak
+    memory beside the plain DiT's on the same weights; control_scale 0 must give the plain DiT's output exactly."""
+    dev, dtype, side = c.dev, torch.bfloat16, c.plan.sides[0]
+    config = dit_for(c.plan, side)
+    c.need(15, f"ControlNet forward {side}²")
+    base = random_dit(config, dev.device, dtype)
+    model = controlnet.ControlPixArt(base, controlnet.default_copies(config.depth)).eval()
+    with torch.no_grad():
+        for p in model.controlnet.parameters():  # the zero-initialised projections too: a trained-looking ControlNet
+            p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    x, t, y, mask = dit_inputs(config, side, 2, dev.device, dtype)
+    control = torch.randn_like(x)
+    with torch.no_grad():
+        exact = torch.equal(model(x, t, y, mask, control=control, control_scale=0.0), base(x, t, y, mask))
+        t_base = c.time(lambda: base(x, t, y, mask))
+        t_cn = c.time(lambda: model(x, t, y, mask, control=control))
+        resident = weight_bytes(model)
+        with c.peak(resident) as peak_cn:
+            model(x, t, y, mask, control=control)
+        with c.peak(weight_bytes(base)) as peak_base:
+            base(x, t, y, mask)
+    copies = len(model.controlnet)
+    c.figures[f"controlnet_{side}"] = dict(seconds=t_cn, base_seconds=t_base, copies=copies, peak_gib=peak_cn[0],
+                                           base_peak_gib=peak_base[0], weights_gib=resident / 2**30, scale0_exact=exact)
+    c.row(f"ControlNet forward {side}², batch 2, bf16, {copies} copies (ref: DiT alone)", t_cn, t_base,
+          goal="scale 0 = the DiT exactly: " + _yes(exact))
+    c.row(f"ControlNet peak memory {side}², weights incl. (ref: DiT alone)", peak_cn[0], peak_base[0], unit="GiB")
+
+
 def speed_compile(c):
     speed_dit(c, compiled=True)
 
@@ -765,7 +796,8 @@ def env(c):
 
 # (name, function, estimate in H200 seconds) in the order they run: correctness first, then what users wait for
 SECTIONS = [("env", env, 5), ("dit", check_dit, 20), ("kv", check_kv, 5), ("pipeline", check_pipeline, 20),
-            ("sample", speed_pipeline, 220), ("forward", speed_dit, 60), ("t5", speed_t5, 20), ("vae", speed_vae, 30),
+            ("sample", speed_pipeline, 220), ("forward", speed_dit, 60),
+            ("controlnet", speed_controlnet, 15), ("t5", speed_t5, 20), ("vae", speed_vae, 30),
             ("lora", check_lora, 20), ("ddp", check_ddp, 40), ("train", speed_train, 60), ("max_batch", max_batch, 60),
             ("profile", profile, 15), ("compile", speed_compile, 160), ("train_compiled", speed_train_compiled, 150)]
 
