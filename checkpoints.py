@@ -33,7 +33,7 @@ import hub
 import lora
 import weights
 
-FIXED = ("optimizer",)  # flags --resume may not change: the optimizer state saved would not load
+FIXED = ("optimizer", "controlnet")  # flags --resume may not change: the optimizer state saved would not load
 NOT_RECORDED = ("out", "resume")  # where the record is, and the flag that reads it
 
 
@@ -166,9 +166,13 @@ def save_state(out, step, model, ema, opt, extra, keep):
         os.makedirs(tmp)
         if hasattr(model, "lora_config"):  # a LoRA run: only the adapter, in PEFT's files (lora.py)
             lora.save(model, tmp)
+        elif hasattr(model, "controlnet"):  # a ControlNet run: only the copies (sample.py --controlnet RUN)
+            weights.save_controlnet(model, os.path.join(tmp, "controlnet.safetensors"))
         else:
             weights.save_checkpoint(model, os.path.join(tmp, "model.safetensors"))  # loadable by sample.py as is
-        if ema is not None:
+        if ema is not None and hasattr(ema, "controlnet"):
+            weights.save_controlnet(ema, os.path.join(tmp, "controlnet_ema.safetensors"))
+        elif ema is not None:
             weights.save_checkpoint(ema, os.path.join(tmp, "ema.safetensors"))
         with open(os.path.join(tmp, "trainer.pt"), "wb") as f:  # a file: a full disk surfaces as the OSError it is
             torch.save(dict(optimizer=opt.state_dict(), step=step, **extra), f)
@@ -203,7 +207,10 @@ def load_state(resume, opt, ema, device, global_batch, master):
     created the model) -> the step to continue from."""
     state = trainer_state(resume, map_location=device)
     opt.load_state_dict(state["optimizer"])
-    if ema is not None:
+    if ema is not None and hasattr(ema, "controlnet"):  # a ControlNet's EMA: its copies
+        sd = weights.read_safetensors(os.path.join(resume, "controlnet_ema.safetensors"))[0]
+        ema.controlnet.load_state_dict({k.removeprefix("controlnet."): v for k, v in sd.items()})
+    elif ema is not None:
         ema.load_state_dict(weights.read_safetensors(os.path.join(resume, "ema.safetensors"))[0])
     if state["global_batch"] != global_batch and master:
         print(f"resume: global batch {state['global_batch']} -> {global_batch}: the data order changes")
@@ -234,7 +241,7 @@ def check_resume(args, resume, master):
         said = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
         print(f"{program()}: --resume: {args.out} continues from {os.path.basename(resume)} with its recorded flags"
               + (f"; changed: {said}" if said else ""))
-    if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
+    if args.lora_rank or args.controlnet:  # adapters only: lora.load checks them; a ControlNet's copies, load_controlnet
         return
     try:
         saved = weights.checkpoint_config(os.path.join(resume, "model.safetensors"))

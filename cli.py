@@ -102,6 +102,13 @@ def sample_parser(doc):
                    "repo id (default: that repo, or the model's own diffusers folder when it holds them)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="add a LoRA, merged into the "
                    "weights: a PEFT adapter folder or .safetensors, or a train.py --lora-rank run; SCALE default 1; repeatable")
+    p.add_argument("--controlnet", metavar="PATH", help="a ControlNet on --model: a train.py --controlnet run, our "
+                   ".safetensors, diffusers' research adapter folder, or the official .pth (its copies); needs --control")
+    p.add_argument("--control", metavar="IMAGE", help="the ControlNet's condition image, resized to the generation size "
+                   "and encoded by the VAE (e.g. white outlines on black)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="strength of the control (0: the model without it)")
+    p.add_argument("--control-edges", action="store_true", help="make the condition from a photo: its edges, white on "
+                   "black (PIL: blur, FIND_EDGES, threshold; data.edge_map)")
     p.add_argument("--kv-compress", metavar="MODE[:LAYERS]", help="KV token compression (paper §3.2), off by default: MODE "
                    "conv, uniform or avgpool; LAYERS such as 14-27 (default: the deep half); faster at 2K-4K")
     p.add_argument("--dtype", default="auto", help=f"DiT and VAE precision: {', '.join(DTYPES)} (auto: bfloat16 on GPU, "
@@ -130,6 +137,17 @@ def check_sample_args(args):
                         ("--n", args.n >= 1, ">= 1"), ("--batch-size", args.batch_size >= 1, ">= 1")])
     if args.dtype.lower() not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+    if bool(args.controlnet) != bool(args.control):
+        raise ValueError("--controlnet and --control go together: a ControlNet file and its condition image")
+    for flag, given in (("--control-scale", args.control_scale != 1.0), ("--control-edges", args.control_edges)):
+        if given and not args.control:
+            raise ValueError(f"{flag} needs --controlnet and --control: it would have no effect; leave it out")
+    check_ranges(args, [("--control-scale", abs(args.control_scale) < float("inf"), "a finite number")])
+    if args.controlnet and not os.path.exists(args.controlnet):
+        raise ValueError(f"--controlnet {args.controlnet} does not exist (a train.py --controlnet run, a .safetensors, "
+                         "a diffusers adapter folder or the official .pth)")
+    if args.control:
+        data.read_image(args.control, "--control")
     if args.negative and args.cfg == 1:
         raise ValueError("--negative has no effect with --cfg 1 (no guidance): give a --cfg above 1, or leave it out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -141,6 +159,11 @@ def check_sample_args(args):
 
 
 # ---------------------------------------------------------------------------------------------- train.py
+# PixArt-δ's ControlNet recipe (official configs/pixart_app_config/PixArt_xl2_img1024_controlHed.py): AdamW 2e-5 unscaled,
+# weight decay 0.03, clip 0.01, and half the captions dropped, so that the copies learn to follow the condition alone
+CONTROLNET_DEFAULTS = dict(optimizer="adamw", lr=2e-5, lr_scaling=False, weight_decay=0.03, clip=0.01, caption_dropout=0.5)
+
+
 def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     """train.py's flags -> args; defaults: a caller's own (train.main); need_data: --data is required (False: the
     caller brings the dataset, and --data is refused); doc: train.py's docstring, the help's description."""
@@ -167,6 +190,9 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
     a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
                                                "embedders, adaLN and output, as the official LoRA script) or a list")
+    a("--controlnet", type=int, default=0, metavar="N", help="train a ControlNet (PixArt-δ, controlnet.py) on the frozen "
+      "--init model: N trainable copies of its first blocks (13 for XL/2; 0: off). Each image needs its condition: "
+      "NAME.control.png beside it, or \"control\" in a .jsonl; defaults then: the official recipe (CONTROLNET_DEFAULTS)")
     a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
     a("--resume", action="store_true", help="continue from --out/latest with the flags recorded there (a flag "
                                               "given again changes that one: --steps, --lr, ...)")
@@ -200,8 +226,11 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
     a("--device", help="cuda or cpu (default: cuda when available)")
     p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
-    if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
+    known = p.parse_known_args(argv)[0]
+    if known.lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
         p.set_defaults(**lora.TRAIN_DEFAULTS)
+    if known.controlnet:  # the official recipe, unless the caller (a demo) brings its own
+        p.set_defaults(**{**CONTROLNET_DEFAULTS, **(defaults or {})})
     args = p.parse_args(argv)
     if args.resume and (flags := checkpoints.recorded_flags(weights.latest_checkpoint(args.out))):
         p.set_defaults(**flags)  # the run's own flags, recorded in its latest checkpoint; flags given again still win
@@ -217,13 +246,16 @@ def check_train_args(args, argv, own_components=False):
     """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
     as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
     lora.check_train_args(args)  # the LoRA flags first
+    if args.controlnet and (args.lora_rank or args.init == "scratch"):
+        raise ValueError(f"--controlnet {args.controlnet}: a ControlNet steers a trained model frozen as it is: give "
+                         "--init (a released name, a .pth, a run)" + (" and no --lora-rank" if args.lora_rank else ""))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
     check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
                                                              "--log-every", "--image-size", "--caption-tokens",
                                                              "--max-nonfinite", "--ddp-timeout")]
                  + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
-                                                         "--weight-decay")]
+                                                         "--weight-decay", "--controlnet")]
                  + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
                     ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
                     ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
@@ -262,7 +294,8 @@ def check_train_args(args, argv, own_components=False):
         if path and not os.path.exists(path):
             raise ValueError(f"{flag} {path} does not exist" + (" (a folder of images + .txt captions or a .jsonl manifest)"
                              if flag == "--data" else " (a diffusers VAE folder or a single-file .safetensors)"))
-    continued = args.resume and not args.lora_rank and weights.latest_checkpoint(args.out)  # its own model, not --init's
+    # its own model, not --init's (a LoRA or a ControlNet run saves its adapter only: --init is its base)
+    continued = args.resume and not args.lora_rank and not args.controlnet and weights.latest_checkpoint(args.out)
     if args.init != "scratch" and not continued and (os.path.exists(args.init) or not hub.model_name(args.init)):
         hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
     hub.check_components(args.components)

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -42,6 +42,29 @@ def resize_cover_crop(img, hw):
     img = img.crop((left, top, left + w, top + h))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, h, w)
     return x.float() / 127.5 - 1
+
+
+def read_image(path, flag):
+    """An image file -> RGB PIL image, or one line naming the flag and the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+
+
+def edge_map(img, threshold=0.2):
+    """A photo -> a ControlNet condition without another tool: its edges, white on black (greyscale, a light blur
+    against noise, PIL's FIND_EDGES 3×3 Laplacian, stretched to [0, 1], thresholded)."""
+    edges = img.convert("L").filter(ImageFilter.GaussianBlur(1)).filter(ImageFilter.FIND_EDGES)
+    x = np.asarray(edges, dtype=np.float32)
+    x = x / max(x.max(), 1.0)
+    return Image.fromarray(((x > threshold) * 255).astype(np.uint8)).convert("RGB")
+
+
+def to_tensor(img):
+    """PIL image -> (1, 3, h, w) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -11,6 +11,9 @@ The folder has the layout of the released PixArt-alpha/PixArt-Sigma-XL-2-*-MS re
     scheduler/         DPMSolverMultistepScheduler with diffusers' defaults: DPM-Solver++(2M), as diffusion.dpm_solver
     text_encoder/, tokenizer/, vae/   the components the run trained with, as they are (their config files
                        included): hard-linked, or copied where a link cannot go (another file system); never downloaded
+A train.py --controlnet run is written as its copies alone, in the layout of diffusers' research example
+(examples/research_projects/pixart: PixArtControlNetAdapterModel, config.json + diffusion_pytorch_model.safetensors);
+its base model is a run or a released model of its own.
 The components are the ones train.py recorded in step_N/trainer.pt (its --components: a folder, or a Hub repo found
 in the Hugging Face cache, by default the released one; and its --vae); --components names them instead, for a run
 that does not record them. A pixel-space run (the quick start) has no VAE, which the pipeline needs: refused.
@@ -105,6 +108,11 @@ def export(run, out, components_flag=None):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"{out} exists and is not empty: give a new (or empty) output folder")
     run, step = checkpoint(run)
+    if os.path.isfile(os.path.join(step, "controlnet.safetensors")):  # a --controlnet run: its copies (EMA if kept)
+        copies = next(os.path.join(step, f) for f in ("controlnet_ema.safetensors", "controlnet.safetensors")
+                      if os.path.isfile(os.path.join(step, f)))
+        weights.save_controlnet_diffusers(weights.read_safetensors(copies)[0], out)  # the base: export its own run
+        return copies
     args = checkpoints.recorded_flags(step) or {}
     base, loras = lora.split_model(step, [])  # a LoRA run: its base model, merged with its adapter below
     # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
@@ -296,7 +297,166 @@ def evaluate(argv=None):
     return result
 
 
-COMMANDS = {"train": train, "score": evaluate}
+# ---------------------------------------------------------------------------------------------- ControlNet demo
+class OutlineShapes(ShapesDataset):
+    """The quick start's captions, each shape at a random position and size anywhere in the image (the base model only
+    drew them centred), with the shape's outline, white on black, as its ControlNet condition: crisp PIL lines 1 or 2 px
+    wide, or lines drawn at 4× and averaged down (anti-aliased, 1 to 2 px), so that a ControlNet trained here follows
+    outlines drawn by any program. The shape fills its outline's box: PIL draws an outline inside the shape it fills."""
+
+    SIDE = (0.375, 0.94)  # the shape's box side, a fraction of the image side
+
+    def __getitem__(self, i):
+        item, rng = super().__getitem__(i), random.Random(f"outline {i}")  # the quick start's caption; its own layout
+        _, color, shape, _, _, bg, _ = item["captions"][0].split()
+        box = random_box(rng, shape, self.size, self.SIDE, held_out=False)
+        C = ShapesDataset.COLORS
+        cover = torch.from_numpy(render(shape, self.size, box))[None]  # (1, S, S) in [0, 1]: anti-aliased edges
+        image = (torch.tensor(C[bg])[:, None, None] * (1 - cover) + torch.tensor(C[color])[:, None, None] * cover) / 127.5 - 1
+        crisp, width = rng.random() < 0.5, rng.choice([1, 1.5, 2])
+        line = render(shape, self.size, box, k=1 if crisp else 4, width=round(width) if crisp else width)
+        return dict(item, image=image, control=torch.from_numpy(line).expand(3, -1, -1) * 2 - 1)
+
+
+def random_box(rng, shape, size, side, held_out):
+    """A random box (x0, y0, x1, y1), pixels inclusive as PIL takes them, anywhere in the image; square but for
+    triangles, whose height varies ±15%. One (position, size) in 7 is held out of training (held_out=False: never
+    drawn; True: only those), while every position and every size is still trained on in other combinations."""
+    while True:
+        w = rng.randint(round(side[0] * size), round(side[1] * size))
+        h = w if shape != "triangle" else max(round(side[0] * size), min(size, round(w * rng.uniform(0.85, 1.15))))
+        x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+        if ((3 * x0 + 5 * y0 + w) % 7 == 0) == held_out:
+            return x0, y0, x0 + w - 1, y0 + h - 1
+
+
+def render(shape, size, box, k=4, width=None):
+    """The shape in `box` filled (width None) or outlined `width` px wide, drawn by PIL at k× and averaged down to
+    size × size -> (size, size) float array in [0, 1]. Circle: an ellipse; square: a rectangle; triangle: apex up."""
+    from PIL import Image, ImageDraw
+    img = Image.new("L", (size * k, size * k), 0)
+    draw, (x0, y0, x1, y1) = ImageDraw.Draw(img), box
+    style = dict(fill=255) if width is None else dict(outline=255, width=round(width * k))
+    if shape == "triangle":
+        at = lambda x, y: (k * x + (k - 1) / 2, k * y + (k - 1) / 2)  # a pixel's centre at k×
+        draw.polygon([at((x0 + x1) / 2, y0), at(x1, y1), at(x0, y1)], **style)
+    else:
+        (draw.ellipse if shape == "circle" else draw.rectangle)([k * x0, k * y0, k * x1 + k - 1, k * y1 + k - 1], **style)
+    return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32) / 255
+
+
+def interior(outline, threshold=0.25):
+    """(H, W) outline in [0, 1] -> bool (H, W): its lines and what they enclose, i.e. what no 4-connected path from
+    the border reaches without crossing a line (PIL's 1-px lines are 8-connected, so such a path cannot slip through)."""
+    line, outside = outline > threshold, np.zeros(outline.shape, bool)
+    H, W = line.shape
+    todo = [(y, x) for y in range(H) for x in (0, W - 1)] + [(y, x) for x in range(W) for y in (0, H - 1)]
+    while todo:
+        y, x = todo.pop()
+        if 0 <= y < H and 0 <= x < W and not outside[y, x] and not line[y, x]:
+            outside[y, x] = True
+            todo += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return ~outside
+
+
+def control_score(images, outlines, prompts):
+    """How well samples follow an outline, judged from pixels alone: each pixel is named by its nearest of the six
+    colours; the shape is the pixels of the prompt's shape colour. -> dict(iou=mean IoU of the shape with the
+    outline's interior, color=fraction whose interior is mostly the shape's colour and the rest mostly the
+    background's). images: (H, W, 3) uint8 arrays; outlines: (H, W) arrays in [0, 1]."""
+    names, palette = list(ShapesDataset.COLORS), np.array(list(ShapesDataset.COLORS.values()), np.float32)
+    ious, colors = [], []
+    for img, outline, prompt in zip(images, outlines, prompts):
+        _, color, _, _, _, bg, _ = prompt.split()
+        nearest = ((np.asarray(img, np.float32)[:, :, None] - palette) ** 2).sum(-1).argmin(-1)  # (H, W) colour ids
+        shape, inside = nearest == names.index(color), interior(outline)
+        ious.append((shape & inside).sum() / max(1, (shape | inside).sum()))
+        mostly = lambda where: names[np.bincount(nearest[where], minlength=6).argmax()]
+        colors.append(mostly(inside) == color and mostly(~inside) == bg)
+    return dict(iou=float(np.mean(ious)), color=float(np.mean(colors)))
+
+
+# train.py flag defaults of the ControlNet demo (explicit flags still win): 2 copies of the 3 blocks, the quick start's
+# AdamW settings rather than the official 2e-5 and clip 0.01 (a tiny model in minutes, not XL/2 in days)
+CONTROLNET = dict(DEFAULTS, controlnet=2, init="runs/quickstart", out="runs/quickstart_controlnet", steps=1500,
+                  caption_dropout=0.1, preview_every=500)
+
+
+def controlnet(argv=None):
+    """python quickstart.py controlnet [train.py flags]: train.main teaches the quick-start model (--init, default
+    runs/quickstart; trained first when it has no checkpoint) to place its shapes where an outline says
+    (OutlineShapes), then scores it against the model alone on held-out captions and layouts (controlnet_score)."""
+    import argparse
+    import train as trainer
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--init", default=CONTROLNET["init"])
+    given.add_argument("--out", default=CONTROLNET["out"])
+    given.add_argument("--grid", help="controlnet-score's grid: condition | the model alone | with the ControlNet")
+    known, rest = given.parse_known_args(argv or [])
+    if not os.path.exists(known.init):  # the quick-start model first, as `python quickstart.py train` makes it
+        print(f"quickstart.py controlnet: no model at --init {known.init}: training the quick start there first")
+        train(["--out", known.init])
+    files = base_files(known.init)
+    data = OutlineShapes(16)
+    prompts = "|".join(data[i]["captions"][0] for i in range(4))  # previews: these captions with their outlines
+    trainer.main(rest + ["--init", known.init, "--out", known.out], dataset=data, components=dict(text_encoder=files["text_encoder"], tokenizer=files["tokenizer"],
+                 vae=None), defaults=dict(CONTROLNET, preview_prompts=prompts))
+    return controlnet_score([known.out, "--init", known.init] + (["--grid", known.grid] if known.grid else []))
+
+
+def base_files(run):
+    """A quick-start run -> its checkpoint's path and its components (sample.json), or one line saying it is not one."""
+    import hub
+    path = hub.resolve_model(run, "--init")[0]
+    files = hub.run_settings(path)
+    if files is None or not files["pixel_scale"]:
+        raise ValueError(f"--init {run} is not a quick-start run (no pixel-space sample.json beside it)")
+    return dict(files, path=path)
+
+
+@torch.no_grad()
+def controlnet_score(argv=None):
+    """python quickstart.py controlnet-score RUN [--init BASE]: sample every held-out caption on outlines of held-out
+    layouts (PIL's own crisp lines, 1 or 2 px, from seeds the training data never used) with the ControlNet and with
+    the model alone, as `sample.py --model BASE --controlnet RUN --control outline.png` does, and print
+    control_score() of both."""
+    import cli
+    import hub
+    import sample
+    from PIL import Image
+    p = cli.ArgumentParser(prog="quickstart.py controlnet-score", description=controlnet_score.__doc__)
+    p.add_argument("run", help="a quickstart.py controlnet run folder")
+    p.add_argument("--init", default=CONTROLNET["init"], help="its base model: a quick-start run")
+    p.add_argument("--n", type=int, default=4, help="samples per held-out caption, each on its own outline")
+    p.add_argument("--grid", help="also save a grid PNG here: condition | the model alone | with the ControlNet")
+    args = p.parse_args(argv)
+    files = base_files(args.init)
+    base = hub.load_model(files["path"]).eval()
+    model = weights.load_controlnet(args.run, base).eval()
+    text, tok = weights.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
+    prompts, S = sorted(ShapesDataset.held_out()) * args.n, base.config.sample_size
+    outlines, found = [], {"ControlNet": [], "model alone": []}
+    for k, prompt in enumerate(prompts):
+        rng, shape = random.Random(f"held-out outline {k}"), prompt.split()[2]
+        outline = render(shape, S, random_box(rng, shape, S, OutlineShapes.SIDE, held_out=True), k=1, width=rng.choice([1, 2]))
+        outlines.append(outline)
+        condition = Image.fromarray((outline * 255).astype(np.uint8)).convert("RGB")
+        for name, m, c in (("ControlNet", model, condition), ("model alone", base, None)):
+            found[name] += sample.generate([prompt], m, text, tok, None, size=(S, S), seed=k, binning=False,
+                                           pixel_scale=files["pixel_scale"], control=c, progress=False)
+    result = {}
+    for name, images in found.items():
+        r = result[name] = control_score([np.asarray(im) for im in images], outlines, prompts)
+        print(f"{args.run}: {name}, held-out captions and layouts, {len(prompts)} samples: mean IoU with the outline's "
+              f"interior {r['iou']:.2f}, right colours {r['color']:.0%}")
+    if args.grid:
+        rows = [[Image.fromarray((o * 255).astype(np.uint8)).convert("RGB"), a, c]
+                for o, a, c in zip(outlines, found["model alone"], found["ControlNet"])][:8]
+        save_grid([im for row in rows for im in row], prompts[:8], args.grid)  # (held-out captions, held-out layouts)
+    return result
+
+
+COMMANDS = {"train": train, "score": evaluate, "controlnet": controlnet, "controlnet-score": controlnet_score}
 
 
 def main(argv=None):
@@ -314,7 +474,7 @@ if __name__ == "__main__":
     import cli
     if sys.argv[1:2] == ["score"]:  # sampling: Ctrl-C stops it at once (train.py handles its own interruptions)
         cli.stop_on_interrupt("quickstart.py score")
-    if sys.argv[1:2] in (["train"], ["score"]):
+    if sys.argv[1:2] in (["train"], ["score"], ["controlnet"], ["controlnet-score"]):
         pick_threads("quickstart.py")
     try:
         main()

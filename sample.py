@@ -23,8 +23,11 @@ Examples:
     python sample.py "a cat" --model PixArt-Sigma-XL-2-1024-MS.pth --components ./pixart_sigma_sdxlvae_T5_diffusers
     python sample.py "a red circle on a blue background" --model runs/quickstart --n 4   # python quickstart.py train
     python sample.py "a cat in the style of my photos" --lora runs/mylora:0.8        # a LoRA (train.py --lora-rank, PEFT)
+    python sample.py "a red circle on a blue background" --model runs/quickstart --controlnet runs/quickstart_controlnet \
+        --control outline.png                                # a ControlNet (train.py --controlnet; python quickstart.py controlnet)
     HF_HUB_OFFLINE=1 python sample.py "a cat" --low-memory     # cache only; T5 stays on the CPU
 """
+import functools
 import gc
 import os
 import random
@@ -37,6 +40,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import cli
+import data
 import diffusion
 import hub
 import lora
@@ -59,7 +63,8 @@ def _release_memory():
 
 @torch.no_grad()
 def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
-             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, batch_size=1, output_type="pil"):
+             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, batch_size=1, output_type="pil",
+             control=None, control_scale=1.0):
     """prompts (list of str) -> n PIL images per prompt (prompt-major; output_type="np": float (H, W, 3)
     arrays in [0, 1] as diffusers' pipelines name it); image k uses seed + k.
     batch_size: images per DiT forward (with CFG, twice as many rows); an image is the same in any batch.
@@ -67,7 +72,9 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
     model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
     device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
     is freed before the DiT runs. tokenizer: a tokenizer.Tokenizer. size: (height, width) of the images. pixel_scale: a
-    pixel-space model (the quick start): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
+    pixel-space model (the quick start): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped.
+    control: a ControlNet's condition (a PIL image; model: a controlnet.ControlPixArt), resized to the generation
+    size and encoded like an image; control_scale: its strength."""
     height, width = size
     # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
     # done here too, so the same prompt gives the same image in both.
@@ -79,12 +86,16 @@ def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 102
         del t5
         _release_memory()
     model, _ = _take(model)
-    weight = model.x_embedder.proj.weight
+    weight = next(model.parameters())  # the network's device and dtype
     y, y_neg, mask, mask_neg = (a.to(weight.device) for a in (y.to(weight.dtype), y_neg.to(weight.dtype), mask, mask_neg))
     vae, _ = _take(vae)
     factor = 1 if pixel_scale else 8  # pixels per latent
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
     images, total, shape = [], len(prompts) * n, (1, model.config.in_channels, gen_h // factor, gen_w // factor)
+    if control is not None:  # the condition as the ControlNet was trained on it: the generation size, encoded
+        c = data.to_tensor(control.resize((gen_w, gen_h), Image.BICUBIC)).to(weight.device)  # (1, 3, gen_h, gen_w)
+        c = c * pixel_scale if pixel_scale else vae.encode(c.to(vae.post_quant_conv.weight))  # (1, C, h, w)
+        model = functools.partial(model, control=c.to(weight.dtype), control_scale=control_scale)
     for start in range(0, total, batch_size):
         ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
@@ -143,6 +154,8 @@ def run(args):
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
     model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 loads
     model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here
+    if args.controlnet:  # its copies on the model: a file that does not fit fails here, before T5 loads
+        model = weights.load_controlnet(args.controlnet, model.float()).to(dtype)
     factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
     trained = factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
@@ -164,16 +177,19 @@ def run(args):
             print(f"sample.py: warning: the tokenizer does not know {', '.join(map(repr, unknown))} in {prompt!r}: "
                   "they become <unk>, which the model cannot read", file=sys.stderr)
     seed = random.randrange(2**31) if args.seed is None else args.seed
+    control = args.control and data.read_image(args.control, "--control")
     images = generate(
         prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
         lambda: hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device),
         tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], weights.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
-        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale, batch_size=args.batch_size)
+        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale, batch_size=args.batch_size,
+        control=control and (data.edge_map(control) if args.control_edges else control), control_scale=args.control_scale)
     for k, image in enumerate(images):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
-                      f"{lora.describe(loras)}")
+                      f"{lora.describe(loras)}" + (f", ControlNet: {args.controlnet}, Control: {args.control}"
+                      f"{' (edges)' if args.control_edges else ''}, Control scale: {args.control_scale:g}" if args.controlnet else ""))
         print(save_png(image, args.out, parameters, seed + k))
 
 

@@ -17,6 +17,7 @@ in the order main calls them. cli.py holds the flags and their checks, checkpoin
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --image-size 1024 --out runs/mine
     torchrun --nproc_per_node 8 train.py --init 1024 --data my_images/ --cache runs/cache1024 --resume --out runs/mine
     python train.py --init 1024 --data my_images/ --lora-rank 16 --bf16 --grad-checkpoint --out runs/mylora   # lora.py
+    python train.py --init 1024 --data pairs/ --controlnet 13 --bf16 --grad-checkpoint --out runs/mycn   # controlnet.py
 
 Weak-to-strong stages (each one command; add --data/--out/--cache as above):
     1. new VAE:   --init PixArt-XL-2-512x512.pth (PixArt-α, SD VAE 0.18215) --image-size 512 --steps 2000
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
+import controlnet
 import data
 import diffusion
 import hub
@@ -96,10 +98,11 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
         encoders = load_encoders(args, tokens, device, resolve())
         null = Caption(*(v[0].cpu() for v in encoders.captions([""])))
     # caption dropout uses T5(""): the same null caption as diffusers' sampling pipeline uses for CFG
-    model.y_embedder.y_embedding.copy_(null.y.to(model.y_embedder.y_embedding))
+    dit = getattr(model, "base_model", model)  # a ControlNet's base model
+    dit.y_embedder.y_embedding.copy_(null.y.to(dit.y_embedder.y_embedding))
     null = Caption(null.y.to(device), null.mask.to(device))
     if args.preview_every:  # the preview prompts encoded now: T5 need not stay in memory
-        draw_preview = preview_drawer(args, model, encoders or load_encoders(args, tokens, device, resolve()), null)
+        draw_preview = preview_drawer(args, model, encoders or load_encoders(args, tokens, device, resolve()), null, dataset)
 
     # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
     global_batch = args.batch_size * world * args.grad_accum
@@ -149,9 +152,10 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
     # Done: where the run is, and how to sample it
     if master:
-        prompt = args.preview_prompts.split("|")[0]
+        prompt, model_flag = args.preview_prompts.split("|")[0], f"--model {args.init} --controlnet {args.out} --control " \
+            "CONDITION.png" if args.controlnet else f"--model {args.out}"
         print(f"{checkpoints.program()}: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
-              f"    python sample.py --model {args.out} \"{prompt}\"")
+              f"    python sample.py {model_flag} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
@@ -167,6 +171,7 @@ class MicroBatch(NamedTuple):
     mask: torch.Tensor   # (n, L)
     epoch: int
     skipped: int         # images of the micro-batch that could not be decoded (left out)
+    control: torch.Tensor = None  # (n, C, h, w) a ControlNet's condition latents, encoded like x0
 
 
 class StepResult(NamedTuple):
@@ -188,7 +193,8 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
         sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                out = diffusion.training_losses(net, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+                fn = net if batch.control is None else functools.partial(net, control=batch.control)  # a ControlNet's
+                out = diffusion.training_losses(fn, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
             (out["loss"].mean() / args.grad_accum).backward()
         sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
                                    out["loss"].new_tensor(len(batch.t))]).detach()
@@ -222,17 +228,22 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         t = torch.randint(0, diffusion.NUM_TIMESTEPS, (global_size,), generator=g, device=device)[rows]
         drop = (torch.rand(global_size, generator=g, device=device) < args.caption_dropout)[rows]
         choice = torch.multinomial(caption_weights.to(device).expand(global_size, -1), 1, generator=g)[rows, 0].tolist()
+        control = None
         if "latent" in items[0]:  # cached features
             x0 = torch.stack([item["latent"] for item in items]).to(device)
             y, mask = (v.to(device) for v in data.pad_tokens([it["y"][c] for it, c in zip(items, choice)], caption_tokens))
+            if args.controlnet:
+                control = torch.stack([item["control_latent"] for item in items]).to(device)
         else:
             with torch.no_grad():
                 x0 = encoders.images(torch.stack([item["image"] for item in items]))
                 y, mask = encoders.captions([it["captions"][c] for it, c in zip(items, choice)])
+                if args.controlnet:  # the condition image through the same encoder as the image
+                    control = encoders.images(torch.stack([item["control"] for item in items]))
         noise = torch.randn((global_size, *x0.shape[1:]), generator=g, device=device)[rows]
         y = torch.where(drop[:, None, None], null.y.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
         mask = torch.where(drop[:, None], null.mask.to(mask.dtype), mask)
-        yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
+        yield MicroBatch(x0, t, noise, y, mask, epoch, skipped, control)
 
 
 def log_step(log, bar, step, result, lr, images_per_s, counts):
@@ -247,27 +258,40 @@ def log_step(log, bar, step, result, lr, images_per_s, counts):
         log.flush()
 
 
-def preview_drawer(args, model, encoders, null):
-    """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed."""
+def preview_drawer(args, model, encoders, null, dataset):
+    """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed. A ControlNet's
+    preview prompt k takes the condition of the data's k-th square image, shown left of its samples."""
     y, mask = encoders.captions(args.preview_prompts.split("|"))
-    return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode,
-                             hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
-                             pixels=args.vae_factor == 1 and args.pixel_scale)
+    hw, control = (model.config.sample_size,) * 2, None
+    if args.controlnet:
+        square = [i for i, b in enumerate(dataset.buckets) if b == "1.0"][:len(y)]
+        if len(square) < len(y):
+            raise ValueError(f"--preview-every: a ControlNet's previews take the conditions of the data's square images; "
+                             f"it has {len(square)} for {len(y)} preview prompts: give fewer, or --preview-every 0")
+        items = [dataset[i] for i in square]
+        control = (torch.stack([it["control_latent"] for it in items]).to(y.device) if "control_latent" in items[0]
+                   else encoders.images(torch.stack([it["control"] for it in items])))
+    return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode, hw=hw,
+                             sampler=args.preview_sampler, pixels=args.vae_factor == 1 and args.pixel_scale, control=control)
 
 
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
+def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0,
+            control=None):
     """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
     runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
-    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
+    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k.
+    control: a ControlNet's condition latent per prompt (P, C, h, w), its image first in the row."""
     model.eval()
     rows = []
     for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
         gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
         x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
-        x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
+        fn = model if control is None else functools.partial(model, control=control[p:p + 1])
+        x = diffusion.sample(fn, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                              y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
                              progress=False)
+        x = x if control is None else torch.cat([control[p:p + 1].float(), x])  # the condition left of its samples
         rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
     model.train()
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
@@ -296,10 +320,12 @@ def load_data(args, dataset, table, caption_keys, rank, world):
     called now) -> (dataset, --data's records or None, images skipped). A batch no bucket fills is refused now."""
     records, skipped = None, 0
     if dataset is None:
-        records, skipped = data.scan(args.data, caption_keys)
+        records, skipped = data.scan(args.data, caption_keys, control=bool(args.controlnet))
         dataset = data.ImageDataset(records, table)
     elif callable(dataset):
         dataset = dataset(args)
+    if args.controlnet and not {"control", "control_latent"} & set(dataset[0]):
+        raise ValueError(f"--controlnet: this dataset's items have no condition ('control' image): {sorted(dataset[0])}")
     if args.cache and records is None:
         raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
     data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)  # refuses a batch no bucket fills
@@ -329,7 +355,12 @@ def setup_run_folder(args, components, master, world):
 def create_model(args, resume, device, config=None):
     """The model to train: --init built by build_model (every weak-to-strong stage), or on --resume the run's own
     weights; with --lora-rank, the base model frozen and adapters around its layers (they alone train and are saved)."""
-    if resume and not args.lora_rank:
+    if args.controlnet:  # the --init model frozen, trainable copies of its first N blocks (or the run's own copies)
+        base = build_model(args, device, config)
+        model = (weights.load_controlnet(os.path.join(resume, "controlnet.safetensors"), base) if resume
+                 else controlnet.ControlPixArt(base, args.controlnet))
+        model = model.to(device).train()
+    elif resume and not args.lora_rank:
         model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
         model = build_model(args, device, config)
@@ -337,7 +368,7 @@ def create_model(args, resume, device, config=None):
         lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
         if resume:
             lora.load(model, resume)
-    model.gradient_checkpointing = args.grad_checkpoint
+    getattr(model, "base_model", model).gradient_checkpointing = args.grad_checkpoint  # a ControlNet's copies too
     return model
 
 

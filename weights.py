@@ -362,9 +362,10 @@ def load_controlnet(src, base):
     (save_controlnet), diffusers' research adapter (a folder with diffusion_pytorch_model.safetensors, or that file),
     a train.py run or step folder with controlnet.safetensors, or a state dict; an official ControlNet .pth loads
     whole through load_checkpoint."""
-    if not isinstance(src, dict) and os.path.isdir(src) and os.path.isfile(
-            os.path.join(step := latest_checkpoint(src) or src, "controlnet.safetensors")):
-        src = os.path.join(step, "controlnet.safetensors")  # a train.py ControlNet run or one of its steps
+    if not isinstance(src, dict) and os.path.isdir(src):  # a train.py ControlNet run or step: its EMA copies if kept
+        step = latest_checkpoint(src) or src
+        src = next((os.path.join(step, f) for f in ("controlnet_ema.safetensors", "controlnet.safetensors")
+                    if os.path.isfile(os.path.join(step, f))), src)
     sd = read_state_dict(src)[0]
     if any(k.startswith("controlnet_blocks.") for k in sd):
         sd = controlnet.convert_diffusers(sd)
@@ -391,12 +392,16 @@ def save_controlnet(model, path):
 
 
 def save_controlnet_diffusers(model, folder):
-    """The copies in diffusers' research layout (PixArtControlNetAdapterModel): config.json + safetensors."""
+    """The copies (a ControlPixArt, or our `controlnet.*` tensors) in diffusers' research layout
+    (PixArtControlNetAdapterModel): config.json + diffusion_pytorch_model.safetensors."""
     model = getattr(model, "_orig_mod", model)
-    sd, copies = {f"controlnet.{k}": v for k, v in model.controlnet.state_dict().items()}, len(model.controlnet)
-    if model.config.kv_compress_layers and any(i < copies for i in model.config.kv_compress_layers):
-        raise ValueError("diffusers' adapter has no KV compression, and this ControlNet copies compressed blocks")
-    theirs = {n: t for ours, names in controlnet.diffusers_pairs(copies) for n, t in zip(names, sd[ours].chunk(len(names)))}
+    sd = model if isinstance(model, dict) else {f"controlnet.{k}": v for k, v in model.controlnet.state_dict().items()}
+    copies = len({k.split(".")[1] for k in sd})
+    pairs = controlnet.diffusers_pairs(copies)
+    if left := sorted(set(sd) - {ours for ours, _ in pairs}):  # what the adapter has no place for: KV compression
+        raise ValueError(f"diffusers' adapter has no place for {', '.join(left[:3])}: it has no KV compression, and "
+                         "these copies compress; keep our file (weights.save_controlnet)")
+    theirs = {n: t for ours, names in pairs for n, t in zip(names, sd[ours].chunk(len(names)))}
     os.makedirs(folder, exist_ok=True)
     with atomic(os.path.join(folder, "config.json")) as tmp, open(tmp, "w") as f:
         json.dump({"_class_name": "PixArtControlNetAdapterModel", "num_layers": copies}, f, indent=2)

@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import controlnet
 import data
+import diffusion
 import sigma
 import sizes
 import weights
@@ -131,6 +132,9 @@ def test_our_files_and_diffusers_layout_round_trip(case, tmp_path):
     for src in (tmp_path / "cn.safetensors", tmp_path / "adapter"):
         with torch.no_grad():
             assert close(weights.load_controlnet(src, base)(x, t, y, mask, control=c), expected)
+    kv = controlnet.ControlPixArt(sigma.PixArtSigma(dataclasses.replace(CONFIG, kv_compress_layers=(1,))), 2)
+    with pytest.raises(ValueError, match="diffusers' adapter has no place for controlnet.1.copied_block.attn"):
+        weights.save_controlnet_diffusers(kv, tmp_path / "kv")  # diffusers' blocks do not compress: refused
 
 
 @pytest.mark.parametrize("kv", [(), (2, 3, 4, 5)])  # KV compression in copied blocks and in base blocks alone
@@ -246,3 +250,92 @@ def test_control_latents_are_cached_beside_the_image_latents(tmp_path):
     assert torch.allclose(item["control_latent"][:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))  # its condition: magenta
     os.utime(tmp_path / "1.control.png", (0, 0))  # a changed condition invalidates the cache
     assert data.fingerprint(data.scan(str(tmp_path), control=True)[0], table, "vae", "t5", 4) != fp
+
+
+# -- training (train.py --controlnet): only the copies learn, saved alone; resume, EMA, previews ---------------------
+class Paired(torch.utils.data.Dataset):
+    """The quick start's shapes, each with a condition image (here its negative: any image of the same size)."""
+
+    def __init__(self):
+        import quickstart
+        self.shapes, self.buckets = quickstart.ShapesDataset(16, 64), ["1.0"] * 64
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        item = self.shapes[i]
+        return dict(item, control=-item["image"])
+
+
+def test_train_py_trains_only_the_copies_and_resumes_exactly(tmp_path, monkeypatch):
+    import quickstart
+    import train
+    monkeypatch.setattr(quickstart, "DIT", {**quickstart.DIT, "depth": 3, "hidden_size": 32, "num_heads": 2})
+    flags = ["--image-size", "16", "--batch-size", "4", "--log-every", "1", "--warmup", "1", "--save-every", "2"]
+    base_run = tmp_path / "base"
+    quickstart.train(flags + ["--out", str(base_run), "--steps", "2", "--preview-every", "0"])
+    base = weights.load_checkpoint(str(base_run / "step_0000002" / "ema.safetensors"))
+    cn = lambda out, *extra: train.main(flags + ["--out", str(out), "--init", str(base_run), "--controlnet", "2",
+                                                 "--lr", "1e-3", "--ema", "0.5", *map(str, extra)], dataset=Paired(),
+                                        components=lambda args: quickstart.components(args.out), defaults=quickstart.DEFAULTS)
+    straight = cn(tmp_path / "a", "--steps", 4, "--preview-every", 4,
+                  "--preview-prompts", "a red circle on a blue background|a green square on a white background")
+    assert all(torch.equal(v, straight.base_model.state_dict()[k]) for k, v in base.state_dict().items())  # frozen
+    assert any(not torch.equal(a, b) for a, b in zip(straight.controlnet.state_dict().values(),
+                                                      controlnet.ControlPixArt(base, 2).controlnet.state_dict().values()))
+    step = tmp_path / "a" / "step_0000004"
+    assert sorted(os.listdir(step)) == ["controlnet.safetensors", "controlnet_ema.safetensors", "preview.png", "trainer.pt"]
+    assert Image.open(step / "preview.png").size == (5 * 128, 2 * 128)  # the condition left of 4 samples, per prompt
+    cn(tmp_path / "b", "--steps", 2)
+    resumed = cn(tmp_path / "b", "--steps", 4, "--resume")
+    assert all(torch.equal(v, resumed.controlnet.state_dict()[k]) for k, v in straight.controlnet.state_dict().items())
+    loaded = weights.load_controlnet(str(tmp_path / "b"), base)  # a run folder: its latest EMA copies
+    ema = weights.read_safetensors(tmp_path / "b" / "step_0000004" / "controlnet_ema.safetensors")[0]
+    assert all(torch.equal(v, ema["controlnet." + k]) for k, v in loaded.controlnet.state_dict().items())
+    import export  # a ControlNet run exports as diffusers' research adapter: the same copies
+    assert export.main([str(tmp_path / "b"), str(tmp_path / "adapter")]) == 0
+    exported = weights.load_controlnet(str(tmp_path / "adapter"), base)
+    assert all(torch.equal(v, exported.controlnet.state_dict()[k]) for k, v in loaded.controlnet.state_dict().items())
+
+
+def test_sample_py_controls_as_the_sampler_with_the_condition_resized_and_encoded(tmp_path, monkeypatch):
+    """sample.py --controlnet RUN --control IMAGE against the sampler called here on the condition resized and scaled
+    by this test (pixel space: the 'encoding' is ×4); --control-scale 0 draws the base model's image."""
+    import numpy as np
+    import quickstart
+    import sample
+    import t5 as t5lib
+    import train
+    from tokenizer import Tokenizer
+    monkeypatch.setattr(quickstart, "DIT", {**quickstart.DIT, "depth": 3, "hidden_size": 32, "num_heads": 2})
+    flags = ["--image-size", "16", "--batch-size", "4", "--warmup", "1", "--save-every", "2", "--steps", "2",
+             "--preview-every", "0"]
+    quickstart.train(flags + ["--out", str(tmp_path / "base"), "--lr", "0.05"])  # a base whose output is not ~0
+    train.main(flags + ["--out", str(tmp_path / "cn"), "--init", str(tmp_path / "base"), "--controlnet", "1", "--lr", "0.1"],
+               dataset=Paired(), components=lambda args: quickstart.components(args.out), defaults=quickstart.DEFAULTS)
+    outline = Image.new("RGB", (32, 32))  # twice the model's size: resized to 16 × 16
+    ImageDraw.Draw(outline).ellipse([4, 6, 20, 22], outline="white", width=2)
+    outline.save(tmp_path / "outline.png")
+    prompt = "a red circle on a blue background"
+    run = lambda *extra: sample.main(["--model", str(tmp_path / "base"), prompt, "--steps", "3", "--seed", "5",
+                                      "--out", str(tmp_path / "out"), *extra])
+    assert run("--controlnet", str(tmp_path / "cn"), "--control", str(tmp_path / "outline.png")) == 0
+    assert run("--controlnet", str(tmp_path / "cn"), "--control", str(tmp_path / "outline.png"), "--control-scale", "0") == 0
+    assert run() == 0
+    controlled, scale0, plain = (np.asarray(Image.open(tmp_path / "out" / f"0000{i}-5.png")) for i in range(3))
+    assert "ControlNet: " in Image.open(tmp_path / "out" / "00000-5.png").text["parameters"]
+    assert np.array_equal(scale0, plain) and not np.array_equal(controlled, plain)
+    # the same image from the sampler, the condition prepared here
+    base = weights.load_checkpoint(str(tmp_path / "base" / "step_0000002" / "ema.safetensors"))
+    model = weights.load_controlnet(str(tmp_path / "cn"), base)
+    c = torch.from_numpy(np.asarray(outline.resize((16, 16), Image.BICUBIC), dtype=np.float32)).permute(2, 0, 1)[None]
+    c = (c / 127.5 - 1) * 4.0  # pixel space: the image × --pixel-scale
+    t5 = weights.load_t5(str(tmp_path / "base" / "text_encoder"), dtype=torch.float32)
+    tok = Tokenizer(str(tmp_path / "base" / "tokenizer" / "spiece.model"))
+    (y, mask), (y0, mask0) = t5lib.encode(t5, tok, [prompt]), t5lib.encode(t5, tok, [""])
+    noise = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+    x = diffusion.sample(lambda *a: model(*a, control=c), noise, y, mask, y0, mask0, "dpm", 3, 4.5, clip_x0=4.0,
+                         progress=False)
+    expected = ((x[0] / 4.0 * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round()
+    assert np.abs(expected - controlled).max() <= 1  # 1/255: rounding
