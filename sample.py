@@ -165,7 +165,7 @@ def run(args):
                   "they become <unk>, which the model cannot read", file=sys.stderr)
     seed = random.randrange(2**31) if args.seed is None else args.seed
     images = generate(
-        prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
+        prompts, lambda: model.to(device).compile_blocks() if args.compile else model.to(device),
         lambda: hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device),
         tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], weights.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,

@@ -265,6 +265,16 @@ class PixArtSigma(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)  # zero: the model starts by predicting 0
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self, **kwargs):
+        """Regional compilation: torch.compile each block (kwargs: torch.compile's), not the whole network. The blocks
+        share one forward, so it is traced and built once (once more for KV-compressed blocks) and all of them reuse
+        it: far less to compile than the unrolled 28-block graph. In place (Module.compile): state_dict keys stay
+        as they are, no `_orig_mod.` prefix. A step never recompiles (same shapes); the first new image size or
+        caption length recompiles once with dynamic shapes (torch.compile's default), later ones reuse that."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+        return self
+
     def pos_embed(self, h, w, device, dtype):
         key = (h, w, device, dtype)
         if key not in self._pos_cache:
@@ -283,14 +293,8 @@ class PixArtSigma(nn.Module):
         x = self.x_embedder(x.to(dtype)) + self.pos_embed(h, w, x.device, dtype)  # (N, T, D)
         t = self.t_embedder(t.expand(N) if t.dim() == 0 else t)  # (N, D)
         t0 = self.t_block(t)  # (N, 6D)
-        mask = mask.bool()
-        if not torch.compiler.is_compiling() and mask.any():
-            # Drop the padding columns that no sample uses (exact; the official code drops padded tokens
-            # too): the caption MLP and 28 kv projections then run on the longest prompt, not on 300 tokens.
-            L = int(mask.any(0).nonzero().max()) + 1
-            y, mask = y[:, :L].contiguous(), mask[:, :L]
-        y = self.y_embedder(y.to(dtype))  # (N, L, D)
-        mask = mask[:, None, None, :]  # (N, 1, 1, L): True = attend
+        y = self.y_embedder(y.to(dtype))  # (N, L, D); callers cut the padding first (diffusion.drop_padding)
+        mask = mask.bool()[:, None, None, :]  # (N, 1, 1, L): True = attend
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, mask, t0, (h, w), use_reentrant=False)

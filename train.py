@@ -109,8 +109,9 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
     step = checkpoints.load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    if args.compile:  # regional: each block compiled in place, so checkpoints of `model` keep their keys
+        model.compile_blocks()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
@@ -232,6 +233,7 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         noise = torch.randn((global_size, *x0.shape[1:]), generator=g, device=device)[rows]
         y = torch.where(drop[:, None, None], null.y.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
         mask = torch.where(drop[:, None], null.mask.to(mask.dtype), mask)
+        y, mask = diffusion.drop_padding(y, mask)  # (n, L', D): the longest caption of the batch, here, not in the step
         yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
 
 
