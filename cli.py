@@ -244,7 +244,7 @@ def check_train_args(args, argv, own_components=False):
             raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
                              f"of --save-every {args.save_every}")
         if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
-            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
+            print(f"{checkpoints.program()}: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
                   f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
     if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
         raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "

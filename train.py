@@ -124,7 +124,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     images_since_log, log_time, nonfinite, in_a_row = 0, time.time(), 0, 0
-    with checkpoints.Interrupts(args, rank, world, device) as interrupts, bar:
+    with checkpoints.Interrupts(args, rank, world, device, bar) as interrupts, bar:
         while step < args.steps:
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
@@ -151,7 +151,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
     # Done: where the run is, and how to sample it
     if master:
         prompt = args.preview_prompts.split("|")[0]
-        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
+        print(f"{checkpoints.program()}: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
               f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -313,7 +313,7 @@ def setup_run_folder(args, components, master, world):
     rank 0 creates them, the others read them after it) recorded in its sample.json, so that `sample.py --model <out>`
     needs no flags. -> the components (None: --components names them)."""
     if master:
-        print(f"train.py: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
+        print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
               f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
     os.makedirs(args.out, exist_ok=True)
     if callable(components) and master:

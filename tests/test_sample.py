@@ -241,6 +241,21 @@ def test_pipeline_saved_by_diffusers(components, tmp_path, capsys):
     assert rc == 2 and f"no tokenizer at {saved}/tokenizer: expected spiece.model or tokenizer.json" in err
 
 
+def test_a_diffusers_checkpoint_needs_no_null_caption(components, capsys, one_thread):
+    """diffusers' files keep no y_embedding: loading one says so in a one-line note, and the note's claim holds: the
+    images do not depend on it (the null caption comes from T5(""))."""
+    model = weights.load_checkpoint(f"{components}/transformer")
+    err = capsys.readouterr().err
+    assert err.startswith("weights: note: ") and err.count("\n") == 1 and "error" not in err.lower()
+    t5model = weights.load_t5(f"{components}/text_encoder", dtype=torch.float32)
+    draw = lambda: sample.generate(["a red fox"], model, t5model, Tokenizer(f"{components}/tokenizer/spiece.model"),
+                                   weights.load_vae(f"{components}/vae"), size=(64, 64), steps=2, progress=False,
+                                   output_type="np")[0]
+    zeros = draw()
+    model.y_embedder.y_embedding.normal_()
+    assert np.array_equal(draw(), zeros)
+
+
 def test_t5_is_freed_before_the_dit_is_loaded(components):
     """Loader functions run in the order T5, DiT, VAE, and the T5 generate() loaded is gone before the DiT comes."""
     events, t5_ref = [], []
