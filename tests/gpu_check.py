@@ -8,8 +8,8 @@ SECTIONS runs in priority order, so that a run cut short has the figures that ma
 diffusers, the eager DiT forward against diffusers' (interleaved, repeated: medians and spread), the two forwards'
 kernel profiles side by side, regional compilation (sample.py --compile: compile time apart, the compiled forward
 and whole image at 1024², where compiling pays off), the compiled training step's MFU, compiled images at 2048²
-and 4096² (KV compression, peak memory); then the rest of the earlier check. A new section is one function and
-one line of SECTIONS, placed by its priority.
+and 4096² (KV compression, peak memory); then the rest of the earlier check, and CUDA graphs last. A new section
+is one function and one line of SECTIONS, placed by its priority.
 
 Nothing is downloaded: every model has random weights (speed does not depend on the values) and the references
 (diffusers' PixArtTransformer2DModel / PixArtSigmaPipeline / AutoencoderKL, transformers' T5EncoderModel, PEFT)
@@ -90,15 +90,16 @@ class Cuda:
         torch.cuda.empty_cache()
 
     compile_options = {}  # torch.compile's defaults: inductor
+    cudagraph_options = dict(mode="reduce-overhead")  # inductor, each block replayed as a CUDA graph
 
-    def compile(self, model):
+    def compile(self, model, cudagraphs=False):
         """A copy of `model` compiled as sample.py --compile does: each block (regional compilation); the eager
         model stays as it was. diffusers' DiT gets the same treatment, block by block."""
-        model = copy.deepcopy(model)
+        model, options = copy.deepcopy(model), self.cudagraph_options if cudagraphs else self.compile_options
         if isinstance(model, sigma.PixArtSigma):
-            return model.compile_blocks(**self.compile_options)
+            return model.compile_blocks(**options)
         for block in model.transformer_blocks:
-            block.compile(**self.compile_options)
+            block.compile(**options)
         return model
 
 
@@ -125,7 +126,7 @@ class Host(Cuda):
     def free(self):
         gc.collect()
 
-    compile_options = dict(backend="eager")  # dynamo's graph capture as on the GPU, without code generation (fast)
+    compile_options = cudagraph_options = dict(backend="eager")  # dynamo's graph capture, no code generation (fast)
 
 
 # ------------------------------------------------------------------------------------------------------- plans
@@ -136,6 +137,7 @@ class Plan:
     t5: t5lib.T5Config
     vae: vaelib.VAEConfig
     sides: tuple               # image sides timed (pixels)
+    compiled_sides: tuple      # of those, the ones above the first whose compiled images are timed (compile_sizes)
     train: tuple               # (pixels, batch) of the training steps timed
     max_batch: int             # upper end of the largest-batch search
     rounds: tuple              # interleaved rounds of the forwards at each side; the last: of whole images
@@ -147,16 +149,16 @@ class Plan:
 
 
 FULL = Plan(dit={"1024": sigma.CONFIGS["1024"], "2K": sigma.CONFIGS["2K"]}, t5=t5lib.T5Config(), vae=vaelib.SDXL,
-            sides=(1024, 2048, 4096), train=((512, 32), (1024, 8)), max_batch=256, rounds=(20, 8, 3), matmul=8192, parity_side=1024,
-            kv_grid=64, budget=540, scale=1.0)
+            sides=(1024, 2048, 4096), compiled_sides=(2048, 4096), train=((512, 32), (1024, 8)), max_batch=256,
+            rounds=(20, 8, 3), matmul=8192, parity_side=1024, kv_grid=64, budget=540, scale=1.0)
 _TINY = dict(depth=4, hidden_size=64, num_heads=4, caption_channels=32)
 DRY = Plan(dit={"1024": sigma.SigmaConfig(**_TINY, sample_size=16, pe_interpolation=1.0),
                 "2K": sigma.SigmaConfig(**_TINY, sample_size=32, pe_interpolation=2.0)},
            t5=t5lib.T5Config(vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2),
            vae=vaelib.VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
                                 tile_latent=16, tile_above=128 * 128),
-           sides=(64, 128, 256), train=((64, 2), (128, 2)), max_batch=4, rounds=(2, 1, 1), matmul=256, parity_side=128, kv_grid=8,
-           budget=300, scale=0.0)
+           sides=(64, 128, 256), compiled_sides=(256,), train=((64, 2), (128, 2)), max_batch=4, rounds=(2, 1, 1),
+           matmul=256, parity_side=128, kv_grid=8, budget=300, scale=0.0)
 
 
 def dit_for(plan, side):
@@ -676,6 +678,34 @@ def speed_compile(c):
     dev.free()
 
 
+def speed_cudagraphs(c):
+    """CUDA graphs at the first size: each compiled block replayed as one graph (torch.compile mode="reduce-overhead",
+    regional) against ours eager and compiled without them: the DiT forward and the whole image, interleaved."""
+    from benchmark import random_t5
+    dev, plan, dtype, side = c.dev, c.plan, torch.bfloat16, c.plan.sides[0]
+    config = dit_for(plan, side)
+    _, ours, _ = three_dits(config, dev.device, dtype)
+    models = {"ours eager": ours, "ours compiled": dev.compile(ours), "ours CUDA graphs": dev.compile(ours, True)}
+    x, t, y, mask = dit_inputs(config, side, 2, dev.device, dtype)
+    y_cut, mask_cut = diffusion.drop_padding(y, mask)
+    with torch.no_grad():
+        for label in ("ours compiled", "ours CUDA graphs"):
+            c.row(f"first forward {side}², {label}", c.first_call(lambda: models[label](x, t, y_cut, mask_cut)))
+        times = c.interleaved({k: (lambda m=m: m(x, t, y_cut, mask_cut)) for k, m in models.items()}, plan.rounds[0])
+    for label, ts in times.items():
+        c.row(f"DiT forward {side}², 2 rows, bf16, {label}", median(ts), median(times["ours eager"]), note=spread(ts))
+    spiece = tiny_spiece(c.work)
+    text, tok, ae = random_t5(plan.t5, dtype, dev.device), Tokenizer(spiece), random_vae(plan.vae, dev.device, dtype)
+    fns = image_fns(c, side, text, tok, ae, spiece, models)
+    c.first_call(fns["ours CUDA graphs"])  # a new caption length: one more capture
+    times = c.interleaved(fns, plan.rounds[-1])
+    c.figures[f"cudagraphs_{side}"] = times
+    for label, ts in times.items():
+        c.row(f"image {side}², 20 steps + CFG, bf16, {label}", median(ts), median(times["ours eager"]), note=spread(ts))
+    del models, fns
+    dev.free()
+
+
 def compile_sizes(c):
     """Compiled whole images above the first size (2048², 4096²: the 2K config), bf16, one image each: ours with KV
     compression in the deep half, plain, and diffusers' eager pipeline, in that order (the budget may stop it);
@@ -686,7 +716,7 @@ def compile_sizes(c):
     spiece = tiny_spiece(c.work)
     text, tok, ae = random_t5(plan.t5, dtype, dev.device), Tokenizer(spiece), random_vae(plan.vae, dev.device, dtype)
     goals = {2048: 4, 4096: 35}
-    for side in plan.sides[1:]:
+    for side in [s for s in plan.sides[1:] if s in plan.compiled_sides]:
         config = dit_for(plan, side)
         ref, ours, kv = three_dits(config, dev.device, dtype)
         models = {"ours + KV compiled": dev.compile(kv), "ours compiled": dev.compile(ours), "diffusers": ref}
@@ -1059,7 +1089,8 @@ SECTIONS = [
     ("kv", check_kv, 5), ("pipeline", check_pipeline, 20),
     ("sample", speed_pipeline, 220),              # eager whole images at every size vs diffusers, memory per phase
     ("t5", speed_t5, 20), ("vae", speed_vae, 30), ("lora", check_lora, 20), ("ddp", check_ddp, 40),
-    ("train", speed_train, 60), ("max_batch", max_batch, 60), ("profile", profile, 15)]
+    ("train", speed_train, 60), ("max_batch", max_batch, 60), ("profile", profile, 15),
+    ("cudagraphs", speed_cudagraphs, 90)]         # regional compile with CUDA graphs (mode="reduce-overhead")
 
 
 def table(c):
