@@ -201,7 +201,10 @@ def test_feature_cache_fingerprint_changes_for_every_reason_to_rebuild(tmp_path)
 def test_quickstart_loss_goes_down(tmp_path, tiny):
     quickstart.train(run_args(tmp_path, "--steps", 60, "--batch-size", 16, "--caption-dropout", 0.1, "--preview-every", 60))
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert Image.open(tmp_path / "step_0000060" / "preview.png").size == (4 * 128, 4 * 128)  # 4 prompts × 4 seeds
+    preview = np.asarray(Image.open(tmp_path / "step_0000060" / "preview.png").convert("L"))
+    labels = preview[:, :-4 * 128]  # 4 prompts × 4 seeds, 16 px drawn 8x larger, right of a column of labels
+    assert preview.shape[0] == 4 * 128 and labels.shape[1] > 100
+    assert all((labels[r * 128:(r + 1) * 128] < 128).sum() > 50 for r in range(4))  # each row's prompt written, dark on white
     first, last = np.mean([r["loss"] for r in log[:10]]), np.mean([r["loss"] for r in log[-10:]])
     assert len(log) == 60 and last < 0.75 * first, (first, last)
     model = weights.load_checkpoint(str(tmp_path / "step_0000060" / "model.safetensors"))  # sample.py-loadable
@@ -221,7 +224,9 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
                                                         vae=None, pixel_scale=4.0)
     assert sample.main([*prompts, "--model", str(run), "--n", "2", "--seed", "7", "--out", str(tmp_path / "out")]) == 0
     pngs = [Image.open(tmp_path / "out" / f"0000{k}-{7 + k}.png") for k in range(4)]  # prompt k // 2, seed 7 + k
-    assert pngs[0].size == (16, 16)
+    assert pngs[0].size == (16, 16)  # as sampled; a copy 16x larger for a person to look at, every pixel a 16x16 block
+    copy = np.asarray(Image.open(tmp_path / "out" / "enlarged" / "00000-7.png").convert("RGB"), dtype=np.int16)
+    assert copy.shape == (256, 256, 3) and np.array_equal(copy, np.asarray(pngs[0].convert("RGB")).repeat(16, 0).repeat(16, 1))
     assert pngs[0].text["parameters"].startswith(prompts[0] + "\nNegative prompt: \nSteps: 20, Sampler: dpm")
     assert pngs[0].text["parameters"].endswith(os.path.join("step_0000004", "ema.safetensors"))
     model = weights.load_checkpoint(str(run / "step_0000004" / "ema.safetensors"))
@@ -229,8 +234,9 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     encoders = train.load_encoders(args, 16, torch.device("cpu"), quickstart.components(str(run)))
     y, mask = encoders.captions(prompts)
     y_null, m_null = (v[0] for v in encoders.captions([""]))
-    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", "dpm", 2, seed=7, pixels=4.0)
-    grid = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[::8, ::8]  # tiles drawn 8x larger
+    train.preview(model, y, mask, y_null, m_null, encoders.decode, (16, 16), tmp_path / "preview.png", prompts, "dpm", 2,
+                  seed=7, pixels=4.0)
+    grid = np.asarray(Image.open(tmp_path / "preview.png"), dtype=np.int16)[:, -2 * 128:][::8, ::8]  # 8x, right of the labels
     for k, png in enumerate(pngs):  # row k // 2, column k % 2
         expected = grid[16 * (k // 2):16 * (k // 2 + 1), 16 * (k % 2):16 * (k % 2 + 1)]
         got = np.asarray(png.convert("RGB"), dtype=np.int16)
@@ -239,12 +245,13 @@ def test_sample_py_draws_a_quickstart_run(tmp_path, tiny, capsys):
     assert sample.main([prompts[0], "--model", str(run / "step_0000002" / "model.safetensors"), "--size", "32x16",
                         "--seed", "0", "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "00004-0.png").size == (32, 16)
-    assert len(capsys.readouterr().out.split()) == 5  # one path printed per image
+    assert len(capsys.readouterr().out.splitlines()) == 5  # one line per image: its path (and its enlarged copy's)
     # `python quickstart.py score <run>`: every caption sampled and scored, a labelled grid; a run without sample.json refused
     result = quickstart.main(["score", str(run), "--n", "1", "--steps", "2", "--grid", str(tmp_path / "grid.png")])
     assert set(result) == {"seen", "held_out"} and 0 <= result["held_out"]["shape"] <= 1
     assert set(result["seen"]) == {"shape", "color", "rmse", "circle", "square", "triangle"}
-    assert Image.open(tmp_path / "grid.png").size == (270 + 6 * 128, len(quickstart.GRID_PROMPTS) * 128)
+    grid = Image.open(tmp_path / "grid.png")  # 6 seeds a row, 128 px each, right of the labels
+    assert grid.height == len(quickstart.GRID_PROMPTS) * 128 and grid.width > 6 * 128 + 100
     assert "right shape" in capsys.readouterr().out
     os.remove(run / "sample.json")
     with pytest.raises(ValueError, match="not a quick-start run"):
