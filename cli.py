@@ -89,7 +89,7 @@ def sample_parser(doc):
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
     p.add_argument("--size", help="1024, 2048, 4096, 2K (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--force-size", action="store_true", help="sample even when the size's estimated memory exceeds what "
-                   "is free (sample.py estimates it before it starts, and refuses)")
+                   "is free, or its estimated time an hour (sample.py estimates both before it starts, and refuses)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")

@@ -51,6 +51,7 @@ import data
 import diffusion
 import hub
 import lora
+import sample
 import sigma
 import sizes
 import t5
@@ -253,29 +254,29 @@ def preview_drawer(args, model, encoders, null):
     """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed."""
     y, mask = encoders.captions(args.preview_prompts.split("|"))
     return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode,
+                             prompts=args.preview_prompts.split("|"),
                              hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
                              pixels=args.vae_factor == 1 and args.pixel_scale)
 
 
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0):
-    """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
+def preview(model, y, mask, y_null, m_null, decode, hw, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0,
+            pixels=0):
+    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
     runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
     (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
     model.eval()
-    rows = []
+    images = []
     for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
         gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
         x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
         x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
                              y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
                              progress=False)
-        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
+        rgb = ((decode(x).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        images += [Image.fromarray(image) for image in rgb]
     model.train()
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
-    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
-    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+    sample.save_grid(images, prompts, path)  # small images enlarged
 
 
 # ---------------------------------------------------------------------------------------------- setup

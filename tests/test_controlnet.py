@@ -4,13 +4,17 @@ closed-form facts: zero-initialised projections or control_scale 0 give exactly 
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import controlnet
+import data
 import sigma
+import sizes
 import weights
 from official import BLOCK, FUSED, official_layout
 from test_sigma import TINY, diffusers_model, inputs
@@ -191,3 +195,54 @@ def test_alpha_1024_controlnet_is_refused(case, tmp_path):
         weights.load_checkpoint(tmp_path / "PixArt-XL-2-1024-ControlNet.pth")
     with pytest.raises(ValueError, match="holds no ControlNet"):
         weights.load_controlnet(ref.state_dict(), weights.load_checkpoint(ref.state_dict(), CONFIG))
+
+
+# -- ControlNet data (data.py): a condition image beside each image, cropped like it, cached beside its latent ------
+def write_png(path, h, w, rgb):
+    Image.new("RGB", (w, h), rgb).save(path)
+
+
+def test_conditions_beside_images_and_in_manifests(tmp_path):
+    write_png(tmp_path / "a.png", 64, 128, (255, 0, 0))
+    write_png(tmp_path / "a.control.png", 64, 128, (0, 0, 255))
+    write_png(tmp_path / "b.jpg", 96, 96, (0, 255, 0))
+    write_png(tmp_path / "b.control.png", 96, 96, (255, 255, 255))
+    for name in "ab":
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    records, _ = data.scan(str(tmp_path), control=True)  # the .control.png files are conditions, not images
+    assert [os.path.basename(r["image"]) for r in records] == ["a.png", "b.jpg"]
+    assert [os.path.basename(r["control"]) for r in records] == ["a.control.png", "b.control.png"]
+    item = data.ImageDataset(records, sizes.bucket_table(256))[0]
+    assert item["control"].shape == item["image"].shape == (3, 176, 352)  # the bucket's size, cropped alike
+    assert torch.allclose(item["control"][:, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))  # blue: its own pixels
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(dict(image="a.png", caption="x", control="b.control.png")))
+    with pytest.raises(ValueError, match="is 96x96 but its image .*a.png is 128x64: make them the same size"):
+        data.scan(str(manifest), control=True)
+    manifest.write_text(json.dumps(dict(image="a.png", caption="x")))
+    with pytest.raises(ValueError, match='line 1: a ControlNet needs each image\'s condition image: add "control"'):
+        data.scan(str(manifest), control=True)
+    os.remove(tmp_path / "b.control.png")
+    with pytest.raises(ValueError, match="b.jpg has no condition image .*b.control.png"):
+        data.scan(str(tmp_path), control=True)
+    (tmp_path / "a.control.txt").write_text("caption")
+    assert len(data.scan(str(tmp_path))[0]) == 3  # without --controlnet a .control.png is an image like any other
+
+
+def test_control_latents_are_cached_beside_the_image_latents(tmp_path):
+    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0)]):
+        write_png(tmp_path / f"{i}.png", 64, 64, rgb)
+        write_png(tmp_path / f"{i}.control.png", 64, 64, tuple(255 - v for v in rgb))
+        (tmp_path / f"{i}.txt").write_text("word")
+    records, _ = data.scan(str(tmp_path), control=True)
+    table = {"1.0": (64, 64)}
+    enc_img = lambda x: torch.nn.functional.avg_pool2d(x, 8)  # stand-in "VAE": the mean colour per 8×8
+    enc_cap = lambda caps: (torch.ones(len(caps), 4, 3), torch.ones(len(caps), 4, dtype=torch.long))
+    fp, cache = data.fingerprint(records, table, "vae", "t5", 4), str(tmp_path / "cache")
+    data.build_cache(cache, records, table, fp, enc_img, enc_cap, data.cache_problems(cache, 2, fp))
+    data.write_cache_index(cache, fp)
+    item = data.CachedDataset(cache)[1]
+    assert torch.allclose(item["latent"][:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))  # green
+    assert torch.allclose(item["control_latent"][:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))  # its condition: magenta
+    os.utime(tmp_path / "1.control.png", (0, 0))  # a changed condition invalidates the cache
+    assert data.fingerprint(data.scan(str(tmp_path), control=True)[0], table, "vae", "t5", 4) != fp
