@@ -189,8 +189,9 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
         batch = next(batches)
         sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
         with sync:
+            y, mask = diffusion.drop_padding(batch.y, batch.mask)  # (n, L', D): outside the (compiled) model
             with autocast:
-                out = diffusion.training_losses(net, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+                out = diffusion.training_losses(net, batch.x0, batch.t, y, mask, batch.noise)
             (out["loss"].mean() / args.grad_accum).backward()
         sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
                                    out["loss"].new_tensor(len(batch.t))]).detach()
@@ -234,7 +235,6 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         noise = torch.randn((global_size, *x0.shape[1:]), generator=g, device=device)[rows]
         y = torch.where(drop[:, None, None], null.y.to(y.dtype), y)  # caption dropout 0.1 -> T5("")
         mask = torch.where(drop[:, None], null.mask.to(mask.dtype), mask)
-        y, mask = diffusion.drop_padding(y, mask)  # (n, L', D): the longest caption of the batch, here, not in the step
         yield MicroBatch(x0, t, noise, y, mask, epoch, skipped)
 
 
