@@ -76,6 +76,12 @@ class ControlPixArt(nn.Module):
         self.controlnet.requires_grad_(True)  # even when the blocks were copied from a frozen model
         self.base_model = base.requires_grad_(False)  # frozen: only the copies learn
 
+    def compile_blocks(self, **kwargs):  # sample.py --compile: regional compilation of the base's blocks and the copies'
+        self.base_model.compile_blocks(**kwargs)
+        for block in self.controlnet:
+            block.copied_block.compile(**kwargs)
+        return self
+
     def forward(self, x, t, y, mask, control=None, control_scale=1.0):
         """sigma.PixArtSigma's forward, plus `control` (N, C, H, W): the condition's latent. A batch of n conditions
         serves a k·n batch in order (classifier-free guidance runs [unconditional; conditional], both controlled)."""

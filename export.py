@@ -43,7 +43,7 @@ SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps"
              "timestep_spacing": "linspace", "steps_offset": 0, "variance_type": None}
 
 
-WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # a full run's step folder, a LoRA run's
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "controlnet.safetensors")  # a full run, a LoRA run, a ControlNet
 
 
 def checkpoint(path):
@@ -58,7 +58,7 @@ def checkpoint(path):
         raise ValueError(f"{path} has no checkpoint yet (no 'latest' file): train.py writes one every --save-every "
                          "steps and at the end")
     if not has_weights(step):
-        raise ValueError(f"{path}/latest names {step}, which holds no model.safetensors (nor a LoRA adapter): give a "
+        raise ValueError(f"{path}/latest names {step}, which holds no model.safetensors (nor a LoRA or ControlNet): give a "
                          "step_N folder instead")
     return path, step
 

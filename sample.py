@@ -128,6 +128,28 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
+def enlarged(image, side):
+    """A small image for a person to look at: every pixel a square block (nearest neighbour, nothing smoothed or
+    invented), by the whole factor that makes the taller side at least `side` px (a 16 px image ×16 at 256)."""
+    k = max(1, -(-side // image.height))
+    return image.resize((image.width * k, image.height * k), Image.NEAREST)
+
+
+def save_grid(images, labels, path, tile=128):
+    """A labelled grid PNG: one row per label (its text on the left), len(images) // len(labels) images a row, each
+    enlarged() to at least `tile` px tall (train.py's previews, the quick start's figures)."""
+    from PIL import ImageDraw
+    tiles = [enlarged(image, tile) for image in images]
+    n, (w, h) = len(images) // len(labels), tiles[0].size
+    margin = 12 + max(round(ImageDraw.Draw(tiles[0]).textlength(label)) for label in labels)
+    grid = Image.new("RGB", (margin + n * w, len(labels) * h), "white")
+    for k, image in enumerate(tiles):
+        grid.paste(image, (margin + k % n * w, k // n * h))
+    for r, label in enumerate(labels):
+        ImageDraw.Draw(grid).text((6, r * h + h // 2 - 6), label, fill="black")
+    grid.save(path)
+
+
 def main(argv=None):
     args = cli.sample_parser(__doc__).parse_args(argv)
     try:
@@ -179,7 +201,7 @@ def run(args):
     seed = random.randrange(2**31) if args.seed is None else args.seed
     control = args.control and data.read_image(args.control, "--control")
     images = generate(
-        prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
+        prompts, lambda: model.to(device).compile_blocks() if args.compile else model.to(device),
         lambda: hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device),
         tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], weights.load_vae, dtype, device),
         negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
@@ -190,7 +212,13 @@ def run(args):
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
                       f"{lora.describe(loras)}" + (f", ControlNet: {args.controlnet}, Control: {args.control}"
                       f"{' (edges)' if args.control_edges else ''}, Control scale: {args.control_scale:g}" if args.controlnet else ""))
-        print(save_png(image, args.out, parameters, seed + k))
+        path = save_png(image, args.out, parameters, seed + k)
+        if max(image.size) < 128:  # a 16 px quick-start image is a dot in a viewer: a copy ×16 beside it, in enlarged/
+            os.makedirs(os.path.join(args.out, "enlarged"), exist_ok=True)
+            copy = os.path.join(args.out, "enlarged", os.path.basename(path))
+            enlarged(image, 256).save(copy)
+            path += f" (enlarged: {copy})"
+        print(path)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import data
 import diffusion
 import hub
 import lora
+import sample
 import sigma
 import sizes
 import t5
@@ -112,8 +113,9 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
     step = checkpoints.load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    if args.compile:  # regional: each block compiled in place, so checkpoints of `model` keep their keys
+        model.compile_blocks()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
@@ -192,9 +194,10 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
         batch = next(batches)
         sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
         with sync:
+            y, mask = diffusion.drop_padding(batch.y, batch.mask)  # (n, L', D): outside the (compiled) model
             with autocast:
                 fn = net if batch.control is None else functools.partial(net, control=batch.control)  # a ControlNet's
-                out = diffusion.training_losses(fn, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+                out = diffusion.training_losses(fn, batch.x0, batch.t, y, mask, batch.noise)
             (out["loss"].mean() / args.grad_accum).backward()
         sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
                                    out["loss"].new_tensor(len(batch.t))]).detach()
@@ -272,18 +275,19 @@ def preview_drawer(args, model, encoders, null, dataset):
         control = (torch.stack([it["control_latent"] for it in items]).to(y.device) if "control_latent" in items[0]
                    else encoders.images(torch.stack([it["control"] for it in items])))
     return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode, hw=hw,
-                             sampler=args.preview_sampler, pixels=args.vae_factor == 1 and args.pixel_scale, control=control)
+                             prompts=args.preview_prompts.split("|"), sampler=args.preview_sampler,
+                             pixels=args.vae_factor == 1 and args.pixel_scale, control=control)
 
 
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, pixels=0,
-            control=None):
-    """Grid PNG: one row per prompt, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
+def preview(model, y, mask, y_null, m_null, decode, hw, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0,
+            pixels=0, control=None):
+    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
     runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
     (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k.
     control: a ControlNet's condition latent per prompt (P, C, h, w), its image first in the row."""
     model.eval()
-    rows = []
+    images = []
     for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
         gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
         x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
@@ -292,12 +296,10 @@ def preview(model, y, mask, y_null, m_null, decode, hw, path, sampler="dpm", per
                              y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
                              progress=False)
         x = x if control is None else torch.cat([control[p:p + 1].float(), x])  # the condition left of its samples
-        rows.append(decode(x).clamp(-1, 1).cpu())  # (n, 3, H, W)
+        rgb = ((decode(x).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        images += [Image.fromarray(image) for image in rgb]
     model.train()
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
-    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
-    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+    sample.save_grid(images, prompts, path)  # small images enlarged
 
 
 # ---------------------------------------------------------------------------------------------- setup

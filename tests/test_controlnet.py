@@ -286,7 +286,9 @@ def test_train_py_trains_only_the_copies_and_resumes_exactly(tmp_path, monkeypat
                                                       controlnet.ControlPixArt(base, 2).controlnet.state_dict().values()))
     step = tmp_path / "a" / "step_0000004"
     assert sorted(os.listdir(step)) == ["controlnet.safetensors", "controlnet_ema.safetensors", "preview.png", "trainer.pt"]
-    assert Image.open(step / "preview.png").size == (5 * 128, 2 * 128)  # the condition left of 4 samples, per prompt
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    margin = 12 + max(round(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(p)) for p in prompts)  # the labels
+    assert Image.open(step / "preview.png").size == (margin + 5 * 128, 2 * 128)  # the condition left of 4 samples
     cn(tmp_path / "b", "--steps", 2)
     resumed = cn(tmp_path / "b", "--steps", 4, "--resume")
     assert all(torch.equal(v, resumed.controlnet.state_dict()[k]) for k, v in straight.controlnet.state_dict().items())
