@@ -65,6 +65,9 @@ class ControlBlock(nn.Module):
 
 
 class ControlPixArt(nn.Module):
+    """The frozen base model and its copies, as the official file names them (`base_model`, `controlnet`). A wrapper
+    rather than hooks in sigma.py: the base runs its own pieces (tokens, embed, run, head) and stays a plain DiT."""
+
     def __init__(self, base, copies=None):
         super().__init__()
         depth = base.config.depth
