@@ -37,11 +37,19 @@ FIXED = ("optimizer",)  # flags --resume may not change: the optimizer state sav
 NOT_RECORDED = ("out", "resume")  # where the record is, and the flag that reads it
 
 
+def program():
+    """The command the user ran, which the run's messages name: quickstart.py and weak_to_strong.py run train.main too;
+    train.py when train.main is called from elsewhere (a test, a notebook)."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.basename(script) if script.endswith(".py") and os.path.dirname(script) == here else "train.py"
+
+
 def stop(message, code=1):
     """End the run: `message` on stderr (None: this rank says nothing, rank 0 does), exit status `code`. A SystemExit:
     no `except Exception` swallows it, and a caller in the same process (the quick start, an experiment) stops too."""
     if message:
-        tqdm.write(f"train.py: {message}", file=sys.stderr)
+        tqdm.write(f"{program()}: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -55,8 +63,9 @@ class Interrupts:
     - a collective operation that fails because another rank died or hangs (gloo and NCCL give up after
       --ddp-timeout at the latest): one line, and this process ends at once."""
 
-    def __init__(self, args, rank, world, device):
+    def __init__(self, args, rank, world, device, bar=None):
         self.args, self.rank, self.world, self.device, self.received = args, rank, world, device, 0
+        self.bar = bar  # the progress bar, silenced once a signal is said: it would be redrawn below that line
 
     def __enter__(self):
         self.pid = os.getpid()  # DataLoader workers forked later inherit the handler: they leave the stop to us
@@ -70,8 +79,10 @@ class Interrupts:
         for s in self.previous:
             signal.signal(s, signal.SIG_DFL)
         if self.rank == 0:  # os.write: print may be in the middle of a write already (the progress bar)
-            os.write(2, f"\ntrain.py: {signal.Signals(number).name}: the step under way finishes and is saved, then "
+            os.write(2, f"\n{program()}: {signal.Signals(number).name}: the step under way finishes and is saved, then "
                         "training stops (send it again to stop at once, unsaved)\n".encode())
+            if self.bar is not None:
+                self.bar.disable = True  # tqdm then neither draws nor clears it: the lines that follow stay together
 
     def stop_signal(self):
         """The number of the signal that any rank received (0: none): every rank gets the same answer at a step."""
@@ -88,7 +99,7 @@ class Interrupts:
         if self.world > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and
                                any(name in str(error) for name in ("gloo", "NCCL"))):
             reason = str(error).splitlines()[0].split(". ")[0]  # gloo goes on: "This is typically caused by ..."
-            print(f"train.py: rank {self.rank}: lost contact with the other ranks ({reason}); "
+            print(f"{program()}: rank {self.rank}: lost contact with the other ranks ({reason}); "
                   f"the run's last checkpoint is {weights.latest_checkpoint(self.args.out) or 'none yet'}: continue "
                   "it with --resume on a new launch", file=sys.stderr, flush=True)
             sys.stdout.flush()
@@ -106,7 +117,7 @@ def count_skipped(result, step, in_a_row, args, rank):
         diverged(args, step, f"{in_a_row} steps in a row with a non-finite loss or gradient ({what}), each skipped: "
                  "training stops", rank)
     if rank == 0:
-        tqdm.write(f"train.py: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
+        tqdm.write(f"{program()}: step {step}: {what}: skipped, nothing updated ({in_a_row} in a row; "
                    f"--max-nonfinite {args.max_nonfinite} stops the run)", file=sys.stderr)
     return in_a_row
 
@@ -221,7 +232,7 @@ def check_resume(args, resume, master):
                              "state --resume continues; give its value, or start a new run with --init " + resume)
     if master:
         said = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
-        print(f"train.py: --resume: {args.out} continues from {os.path.basename(resume)} with its recorded flags"
+        print(f"{program()}: --resume: {args.out} continues from {os.path.basename(resume)} with its recorded flags"
               + (f"; changed: {said}" if said else ""))
     if args.lora_rank:  # a LoRA run saves adapters only; lora.load checks their rank and alpha against the flags
         return

@@ -89,7 +89,7 @@ def sample_parser(doc):
     p.add_argument("--negative", default="", help="negative prompt (default: none, i.e. the null caption T5(\"\"))")
     p.add_argument("--size", help="1024, 2048, 4096, 2K (square) or WxH such as 1344x768 (default: the model's training size)")
     p.add_argument("--force-size", action="store_true", help="sample even when the size's estimated memory exceeds what "
-                   "is free (sample.py estimates it before it starts, and refuses)")
+                   "is free, or its estimated time an hour (sample.py estimates both before it starts, and refuses)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (20 suits dpm; ancestral wants ~100)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 1 (1 = off)")
     p.add_argument("--seed", type=int, help="seed of the first image, image k uses seed+k (default: random, saved in the PNG)")
@@ -247,7 +247,7 @@ def check_train_args(args, argv, own_components=False):
             raise ValueError(f"--preview-every {args.preview_every}: previews are drawn at checkpoints; give a multiple "
                              f"of --save-every {args.save_every}")
         if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
-            print(f"train.py: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
+            print(f"{checkpoints.program()}: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
                   f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
     data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
     if args.kv_compress_layers:  # the syntax now; the blocks against the model's depth once it is known

@@ -10,6 +10,9 @@
   The order is a pure function of (seed, epoch): resuming at step s just skips s batches, nothing repeats.
 - Feature cache: one pass stores VAE latents and T5 features of the valid caption tokens as safetensors
   shards (the official maintainers' advice: training then needs neither T5 nor the VAE in memory).
+- ControlNet data (train.py --controlnet): each image has a condition image of the same size, `cat.control.png`
+  beside `cat.jpg` in a folder, or a "control" path in the manifest; it is cropped as its image and VAE-encoded
+  like it (its latent cached beside the image's).
 """
 import hashlib
 import json
@@ -56,8 +59,9 @@ def caption_keys(text, manifest=True):
     return [k for k, _, _ in parts], torch.tensor(weights)
 
 
-def scan(path, caption_keys=("caption",)):
-    """List {image, captions, height, width} records of a folder or .jsonl manifest.
+def scan(path, caption_keys=("caption",), control=False):
+    """List {image, captions, height, width} records of a folder or .jsonl manifest (control: and the condition image
+    of each, see the module's docstring; a missing or mis-sized one is an error naming it).
 
     Unreadable images, and in a folder images without a caption (no or an empty .txt), are skipped, said and
     counted: returns (records, skipped). No caption at all, or no image, is an error."""
@@ -65,7 +69,8 @@ def scan(path, caption_keys=("caption",)):
         raise FileNotFoundError(f"--data {path} does not exist (a folder of images + .txt captions or a .jsonl)")
     entries, uncaptioned = [], []  # (image path, [captions]), image names
     if os.path.isdir(path):
-        images = [n for n in sorted(os.listdir(path)) if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+        images = [n for n in sorted(os.listdir(path)) if os.path.splitext(n)[1].lower() in IMAGE_EXTS
+                  and not (control and os.path.splitext(os.path.splitext(n)[0])[1] == ".control")]  # not a condition
         if not images:
             raise ValueError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) in this folder (subfolders are not searched)")
         for name in images:
@@ -103,9 +108,15 @@ def scan(path, caption_keys=("caption",)):
             if image is None or missing:
                 raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
                                  f"missing {missing or ['image']}")
-            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]))
+            if control and not isinstance(rec.get("control"), str):
+                raise ValueError(f"{path} line {n + 1}: a ControlNet needs each image's condition image: add "
+                                 '"control": "<path relative to the manifest>"')
+            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]) + (
+                (os.path.join(root, rec["control"]),) if control else ()))
+    if control and os.path.isdir(path):  # the condition beside each image: cat.jpg -> cat.control.png
+        entries = [(image, captions, os.path.splitext(image)[0] + ".control.png") for image, captions in entries]
     records, skipped = [], len(uncaptioned)
-    for image, captions in entries:
+    for image, captions, *cond in entries:
         try:
             with Image.open(image) as im:  # reads the header only
                 im.verify()
@@ -115,13 +126,32 @@ def scan(path, caption_keys=("caption",)):
             print(f"skipping unreadable image {image}: {type(e).__name__}: {e}")
             continue
         records.append(dict(image=image, captions=captions, height=h, width=w))
+        if cond:
+            records[-1]["control"] = check_control(cond[0], image, (w, h))
     if not records:
         raise ValueError(f"--data {path}: none of its images could be read (see the lines above)")
     return records, skipped
 
 
+def check_control(path, image, size):
+    """A condition image must exist and have its image's size (it is cropped the same way) -> its path."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--data: {image} has no condition image {path}: a ControlNet trains on pairs (give every "
+                         "image its condition: NAME.control.png beside it, or \"control\" in the manifest)")
+    try:
+        with Image.open(path) as im:
+            found = im.size
+    except Exception as e:
+        raise ValueError(f"--data: cannot read the condition image {path} ({type(e).__name__}: {e})") from None
+    if found != size:
+        raise ValueError(f"--data: the condition image {path} is {found[0]}x{found[1]} but its image {image} is "
+                         f"{size[0]}x{size[1]}: make them the same size (it is cropped as its image)")
+    return path
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Records -> (image (3,h,w) in [-1,1] at its bucket's size, captions). Corrupt images give None."""
+    """Records -> (image (3,h,w) in [-1,1] at its bucket's size, captions; and control, the condition image, when the
+    records have one). Corrupt images give None."""
 
     def __init__(self, records, table):
         self.records, self.table = records, table
@@ -133,12 +163,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         try:
-            with Image.open(r["image"]) as im:
-                x = resize_cover_crop(im, self.table[self.buckets[i]])
+            item = dict(index=i, captions=r["captions"])
+            for key in ("image", "control") if "control" in r else ("image",):
+                with Image.open(r[key]) as im:
+                    item[key] = resize_cover_crop(im, self.table[self.buckets[i]])
         except Exception as e:  # passed the header check, failed to decode: skip it, counted by the loop
-            print(f"skipping undecodable image {r['image']}: {type(e).__name__}: {e}")
+            print(f"skipping undecodable image {r[key]}: {type(e).__name__}: {e}")
             return None
-        return dict(index=i, image=x, captions=r["captions"])
+        return item
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -178,7 +210,8 @@ SHARD_IMAGES = 256  # images per shard: shard s holds images s·256 ... s·256 +
 
 def fingerprint(records, table, vae_id, t5_id, caption_tokens):
     """Hash of everything the cached features depend on; a change means re-encode."""
-    files = [(r["image"], os.path.getsize(r["image"]), os.path.getmtime(r["image"]), r["captions"]) for r in records]
+    stat = lambda f: (f, os.path.getsize(f), os.path.getmtime(f))
+    files = [(*stat(r["image"]), r["captions"], *(stat(r["control"]) if "control" in r else ())) for r in records]
     key = json.dumps(dict(files=files, table=table, vae=vae_id, t5=t5_id, tokens=caption_tokens, format=CACHE_FORMAT),
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -236,6 +269,9 @@ def build_cache(cache_dir, records, table, fp, encode_images, encode_captions, t
                 if not items:
                     continue
                 latents = encode_images(torch.stack([it["image"] for it in items]))
+                if "control" in items[0]:  # a ControlNet's condition, encoded like its image
+                    for it, lat in zip(items, encode_images(torch.stack([it["control"] for it in items]))):
+                        tensors[f"{it['index']}.control"] = lat.float().contiguous().cpu()
                 for k in range(len(items[0]["captions"])):
                     y, mask = encode_captions([it["captions"][k] for it in items])
                     for it, yi, mi in zip(items, y, mask):
@@ -262,7 +298,8 @@ def write_cache_index(cache_dir, fp):
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Items of a feature cache: latent (C,h,w) and per caption key the valid T5 tokens (L_valid, D)."""
+    """Items of a feature cache: latent (C,h,w), per caption key the valid T5 tokens (L_valid, D), and a ControlNet's
+    control latent (C,h,w) when the cache has them."""
 
     def __init__(self, cache_dir):
         index = json.load(open(os.path.join(cache_dir, "index.json")))
@@ -278,8 +315,11 @@ class CachedDataset(torch.utils.data.Dataset):
         if shard not in self.files:  # one lazily memory-mapped handle per shard and worker
             self.files[shard] = safe_open(os.path.join(self.dir, shard), "pt")
         f = self.files[shard]
-        return dict(index=i, latent=f.get_tensor(f"{key}.latent"), y=[f.get_tensor(f"{key}.y{k}") for k in range(n)],
+        item = dict(index=i, latent=f.get_tensor(f"{key}.latent"), y=[f.get_tensor(f"{key}.y{k}") for k in range(n)],
                     captions=[None] * n)
+        if f"{key}.control" in f.keys():
+            item["control_latent"] = f.get_tensor(f"{key}.control")
+        return item
 
 
 def micro_batches(dataset, sampler, start, workers):

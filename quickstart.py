@@ -232,18 +232,6 @@ GRID_PROMPTS = ["a red circle on a blue background", "a green square on a white 
                 "a red circle on a green background", "a yellow square on a black background"]  # last 3: held out
 
 
-def save_grid(images, prompts, path, tile=128):
-    """One row per prompt (its text on the left), its images upscaled to tile × tile px with nearest pixels."""
-    from PIL import Image, ImageDraw
-    n = len(images) // len(prompts)
-    grid = Image.new("RGB", (270 + n * tile, len(prompts) * tile), "white")
-    for k, image in enumerate(images):
-        grid.paste(image.resize((tile, tile), Image.NEAREST), (270 + (k % n) * tile, (k // n) * tile))
-    for p, prompt in enumerate(prompts):
-        ImageDraw.Draw(grid).text((6, p * tile + tile // 2 - 6), prompt, fill="black")
-    grid.save(path)
-
-
 def busy_cores(seconds=0.5):
     """How many cores other work keeps busy now: the non-idle share of /proc/stat's CPU time over `seconds` (Linux),
     else the 1-minute load average (which trails: a job that just ended still counts)."""
@@ -279,6 +267,8 @@ def train(argv=None):
     import train as trainer
     args = cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
     model = trainer.main(args, ShapesDataset(args.image_size), components(args.out, args.seed), sigma.SigmaConfig(**DIT))
+    if os.path.exists(preview := os.path.join(weights.latest_checkpoint(args.out), "preview.png")):
+        print(f"look at it: {preview} (the preview prompts, 4 seeds each, 8x larger)")
     print(f"score it: python quickstart.py score {args.out}")
     return model
 
@@ -328,7 +318,7 @@ def evaluate(argv=None):
               f"distance to the nearest drawing {r['rmse']:.3f} rms")
     if args.grid:
         labels = [p + (" (held out)" if p in ShapesDataset.held_out() else "") for p in GRID_PROMPTS]
-        save_grid(run(GRID_PROMPTS, 6, 0), labels, args.grid)
+        sample.save_grid(run(GRID_PROMPTS, 6, 0), labels, args.grid)
     return result
 
 

@@ -11,7 +11,7 @@ quick start's, whose config gives its pixels per latent) and the x̂0 clipping i
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
 runs on the larger grid through position-embedding interpolation; what a size costs (tokens, memory, time) is
-said before sampling, and a size that cannot fit in memory is refused. Weights (hub.py): the Hugging Face cache.
+said before sampling, and a size that cannot fit in memory, or would take over an hour, is refused. Weights (hub.py): the Hugging Face cache.
 Image k of a run uses seed+k; its noise is drawn alone on the CPU, so one image equals diffusers'
 pipeline with generator=torch.Generator("cpu").manual_seed(seed), and batches never change an image.
 
@@ -122,6 +122,28 @@ def save_png(image, folder, parameters, seed):
             number += 1
 
 
+def enlarged(image, side):
+    """A small image for a person to look at: every pixel a square block (nearest neighbour, nothing smoothed or
+    invented), by the whole factor that makes the taller side at least `side` px (a 16 px image ×16 at 256)."""
+    k = max(1, -(-side // image.height))
+    return image.resize((image.width * k, image.height * k), Image.NEAREST)
+
+
+def save_grid(images, labels, path, tile=128):
+    """A labelled grid PNG: one row per label (its text on the left), len(images) // len(labels) images a row, each
+    enlarged() to at least `tile` px tall (train.py's previews, the quick start's figures)."""
+    from PIL import ImageDraw
+    tiles = [enlarged(image, tile) for image in images]
+    n, (w, h) = len(images) // len(labels), tiles[0].size
+    margin = 12 + max(round(ImageDraw.Draw(tiles[0]).textlength(label)) for label in labels)
+    grid = Image.new("RGB", (margin + n * w, len(labels) * h), "white")
+    for k, image in enumerate(tiles):
+        grid.paste(image, (margin + k % n * w, k // n * h))
+    for r, label in enumerate(labels):
+        ImageDraw.Draw(grid).text((6, r * h + h // 2 - 6), label, fill="black")
+    grid.save(path)
+
+
 def main(argv=None):
     args = cli.sample_parser(__doc__).parse_args(argv)
     try:
@@ -178,7 +200,7 @@ def run(args):
     del t5
     release_memory()
     # 2. the DiT denoises; then it leaves too
-    model = torch.compile(model.to(device)) if args.compile else model.to(device)
+    model = model.to(device).compile_blocks() if args.compile else model.to(device)
     latents = sample_latents(model, captions, (gen_h // vae_factor, gen_w // vae_factor), n=args.n, seed=seed,
                              steps=args.steps, cfg=args.cfg, sampler=args.sampler, clip_x0=files["clip_x0"],
                              batch_size=args.batch_size)
@@ -190,7 +212,13 @@ def run(args):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
                       f"{lora.describe(loras)}")
-        print(save_png(image, args.out, parameters, seed + k))
+        png = save_png(image, args.out, parameters, seed + k)
+        if max(image.size) < 128:  # a 16 px quick-start image is a dot in a viewer: a copy ×16 beside it, in enlarged/
+            os.makedirs(os.path.join(args.out, "enlarged"), exist_ok=True)
+            copy = os.path.join(args.out, "enlarged", os.path.basename(png))
+            enlarged(image, 256).save(copy)
+            png += f" (enlarged: {copy})"
+        print(png)
 
 
 if __name__ == "__main__":

@@ -273,32 +273,39 @@ class PixArtSigma(nn.Module):
             self._pos_cache[key] = pos_embed_2d(c.hidden_size, h, w, base, c.pe_interpolation).to(device, dtype)
         return self._pos_cache[key]  # (T, D)
 
-    def forward(self, x, t, y, mask):
-        """x (N, C, H, W) latent, t (N,) timesteps, y (N, L, 4096) caption features, mask (N, L) 1 = real."""
-        c, (N, _, H, W) = self.config, x.shape
-        p, dtype = c.patch_size, self.x_embedder.proj.weight.dtype
+    def tokens(self, x):  # a latent (N, C, H, W) -> its patches with positions (N, T, D), and the token grid (h, w)
+        (H, W), p, dtype = x.shape[-2:], self.config.patch_size, self.x_embedder.proj.weight.dtype
         if H % p or W % p:
             raise ValueError(f"latent sides must be multiples of the patch size {p}, got {H}×{W}")
-        h, w = H // p, W // p
-        x = self.x_embedder(x.to(dtype)) + self.pos_embed(h, w, x.device, dtype)  # (N, T, D)
+        return self.x_embedder(x.to(dtype)) + self.pos_embed(H // p, W // p, x.device, dtype), (H // p, W // p)
+
+    def embed(self, x, t, y, mask):
+        """Everything before the blocks: image tokens, t (N, D) for the final layer, t0 (N, 6D), caption tokens."""
+        (x, hw), N, dtype = self.tokens(x), x.shape[0], self.x_embedder.proj.weight.dtype  # (N, T, D)
         t = self.t_embedder(t.expand(N) if t.dim() == 0 else t)  # (N, D)
-        t0 = self.t_block(t)  # (N, 6D)
         mask = mask.bool()
         if not torch.compiler.is_compiling() and mask.any():
             # Drop the padding columns that no sample uses (exact; the official code drops padded tokens
             # too): the caption MLP and 28 kv projections then run on the longest prompt, not on 300 tokens.
             L = int(mask.any(0).nonzero().max()) + 1
             y, mask = y[:, :L].contiguous(), mask[:, :L]
-        y = self.y_embedder(y.to(dtype))  # (N, L, D)
-        mask = mask[:, None, None, :]  # (N, 1, 1, L): True = attend
+        return x, t, self.t_block(t), self.y_embedder(y.to(dtype)), mask[:, None, None, :], hw  # mask (N, 1, 1, L)
+
+    def run(self, block, *args):  # a block (or a ControlNet copy), through gradient checkpointing when training with it
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        return checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+
+    def head(self, x, t, hw):  # the final layer, and unpatchify: (N, T, D) -> (N, C_out, H, W)
+        (h, w), p, C = hw, self.config.patch_size, self.config.out_channels
+        x = self.final_layer(x, t).view(-1, h, w, p, p, C)  # (N, h, w, p, p, C_out)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, C, h * p, w * p)
+
+    def forward(self, x, t, y, mask):
+        """x (N, C, H, W) latent, t (N,) timesteps, y (N, L, 4096) caption features, mask (N, L) 1 = real."""
+        x, t, t0, y, mask, hw = self.embed(x, t, y, mask)
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, mask, t0, (h, w), use_reentrant=False)
-            else:
-                x = block(x, y, mask, t0, (h, w))
-        x = self.final_layer(x, t)  # (N, T, p·p·C_out)
-        x = x.view(N, h, w, p, p, c.out_channels)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(N, c.out_channels, H, W)
+            x = self.run(block, x, y, mask, t0, hw)
+        return self.head(x, t, hw)
 
 
 # ----------------------------------------------------------------------------------------------------

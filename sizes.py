@@ -103,6 +103,7 @@ def resize_and_crop(images, height, width):
 
 
 # ---------------------------------------------------------------------------------------------- what a size costs
+MAX_SECONDS = 3600  # an estimated time above an hour is refused without --force-size: longer than one waits unasked
 ACTIVATIONS = 16  # (rows, T, D) tensors alive at a block's peak without grad: x, qkv (3), the MLP's hidden and its GELU
                   # (4 + 4), norms and temporaries; measured on the CPU (fp32, 1K-65K tokens, width 128 and 1152): 11-19
 
@@ -123,12 +124,13 @@ def dit_cost(config, height, width, factor, rows, dtype_bytes):
 def check_cost(config, requested, factor, binning, rows, dtype_bytes, free_bytes, flops_per_s, steps, force=False):
     """Sampling at `requested` (height, width), against the model's training size -> a warning line when the DiT's token
     count is above 1.1x the training size's or 4x below it (None otherwise), with the estimated memory and time; a
-    ValueError when the activations would not fit in `free_bytes`, naming the largest size of the same shape that
-    fits (force: a warning instead)."""
+    ValueError when the activations would not fit in `free_bytes` or the DiT's work would take over MAX_SECONDS at
+    `flops_per_s`, naming the largest size of the same shape that fits both (force: a warning instead)."""
     trained, step = factor * config.sample_size, grid_step(config, factor)
     T0 = dit_cost(config, trained, trained, factor, 1, dtype_bytes)[0]
     (h, w), (gh, gw) = requested, generation_size(*requested, config, binning, factor)
-    T, memory, flops = dit_cost(config, gh, gw, factor, rows, dtype_bytes)
+    cost = lambda hw: dit_cost(config, *generation_size(*hw, config, binning, factor), factor, rows, dtype_bytes)
+    T, memory, flops = cost((h, w))
     line = f"--size {w}x{h}"
     if (gh, gw) != (h, w):
         line += (f" is sampled at {gw}x{gh} (" + ("the nearest trained aspect-ratio bucket" if binning else
@@ -138,24 +140,26 @@ def check_cost(config, requested, factor, binning, rows, dtype_bytes, free_bytes
         line += ": the DiT runs on a larger grid through position-embedding interpolation"
     if T > 4 * T0 or T < T0 / 4:
         line += ", far from what it was trained at: expect a poor image"
+    seconds = lambda flops: steps * flops / flops_per_s  # a lower bound: every FLOP at a large matrix product's rate
     line += (f"; estimated {memory / 2**30:.3g} GiB of activations ({free_bytes / 2**30:.3g} GiB free), "
-             f"at least {duration(steps * flops / flops_per_s)} for {steps} step{'s' * (steps > 1)}")
-    if memory > free_bytes:
-        # the largest size of this shape whose generation size fits: memory grows with the size (binning keeps the
-        # training bucket's area up to 1.5x it), so a bisection on the scale of the sides finds it
+             f"at least {duration(seconds(flops))} for {steps} step{'s' * (steps > 1)}")
+    over = [why for why, bad in (("it would not fit", memory > free_bytes),
+                                 ("it would take over an hour", seconds(flops) > MAX_SECONDS)) if bad]
+    if over:
+        # the largest size of this shape that fits in memory and in the hour: both grow with the size (binning keeps
+        # the training bucket's area up to 1.5x it), so a bisection on the scale of the sides finds it
         unit = 8 if factor > 1 else 1  # what --size accepts
         scaled = lambda s: tuple(max(16, unit * int(side * s / unit)) for side in (h, w))
-        fits = lambda s: dit_cost(config, *generation_size(*scaled(s), config, binning, factor), factor, rows,
-                                  dtype_bytes)[1] <= free_bytes
+        fits = lambda s: (c := cost(scaled(s)))[1] <= free_bytes and seconds(c[2]) <= MAX_SECONDS
         lo, hi = 0.0, 1.0
         for _ in range(30):
             lo, hi = ((lo + hi) / 2, hi) if fits((lo + hi) / 2) else (lo, (lo + hi) / 2)
         fh, fw = scaled(lo)
-        largest = (f"the largest size of this shape that fits is about {fw}x{fh}" if fits(lo) else
-                   "not even the smallest size of this shape fits" + (" at this --batch-size" if rows > 2 else ""))
+        largest = (f"the largest size of this shape that fits in memory and in an hour is about {fw}x{fh}" if fits(lo)
+                   else "not even the smallest size of this shape fits" + (" at this --batch-size" if rows > 2 else ""))
         if not force:
-            raise ValueError(f"{line}: it would not fit; {largest} (--force-size to try anyway)")
-        return f"{line}: it may not fit ({largest}); sampling anyway (--force-size)"
+            raise ValueError(f"{line}: {' and '.join(over)}; {largest} (--force-size to try anyway)")
+        return f"{line}: {' and '.join(over).replace('would', 'may')} ({largest}); sampling anyway (--force-size)"
     return line if T > 1.1 * T0 or T < T0 / 4 else None
 
 
@@ -181,8 +185,7 @@ def flops_per_second(device, dtype, n=1024):
 
 
 def duration(seconds):
-    """A rough duration in words: 40 s, 12 min, 3.5 h, 9 days."""
-    for unit, length in (("days", 86400), ("h", 3600), ("min", 60)):
+    """A rough duration in words, two significant digits: 40 s, 12 min, 3.5 h, 9 days, 280 days."""
+    for unit, length in (("days", 86400), ("h", 3600), ("min", 60), ("s", 0)):
         if seconds >= 2 * length:
-            return f"{seconds / length:.2g} {unit}"
-    return f"{seconds:.2g} s"
+            return f"{float(f'{seconds / (length or 1):.2g}'):g} {unit}"

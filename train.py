@@ -50,6 +50,7 @@ import data
 import diffusion
 import hub
 import lora
+import sample
 import sigma
 import sizes
 import t5
@@ -120,7 +121,7 @@ def main(args, dataset=None, components=None, config=None):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     images_since_log, log_time, nonfinite, in_a_row = 0, time.time(), 0, 0
-    with checkpoints.Interrupts(args, rank, world, device) as interrupts, bar:
+    with checkpoints.Interrupts(args, rank, world, device, bar) as interrupts, bar:
         while step < args.steps:
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup))  # warmup, then constant
@@ -140,7 +141,7 @@ def main(args, dataset=None, components=None, config=None):
                                         micro_batch=step * args.grad_accum), rank, world, device)
                 if master and args.preview_every and not signum and (step % args.preview_every == 0 or step == args.steps):
                     preview(ema or model, preview_captions, null, preview_encoders.vae, os.path.join(path, "preview.png"),
-                            args.preview_sampler, clip_x0=args.clip_x0)
+                            args.preview_prompts.split("|"), args.preview_sampler, clip_x0=args.clip_x0)
             if signum:  # saved: stop with the shell's status for that signal (a scheduler may requeue the job)
                 checkpoints.stop(f"{signal.Signals(signum).name}: stopped after step {step}, saved in {path}; continue "
                                  "with --resume" if master else None, 128 + signum)
@@ -148,7 +149,7 @@ def main(args, dataset=None, components=None, config=None):
     # Done: where the run is, and how to sample it
     if master:
         prompt = args.preview_prompts.split("|")[0]
-        print(f"train.py: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
+        print(f"{checkpoints.program()}: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
               f"    python sample.py --model {args.out} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -246,24 +247,23 @@ def log_step(log, bar, step, result, lr, images_per_s, counts):
 
 
 @torch.no_grad()
-def preview(model, captions, null, vae, path, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, clip_x0=None):
-    """Grid PNG: one row per caption, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
-    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
-    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
+def preview(model, captions, null, vae, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, clip_x0=None):
+    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and
+    DPM-Solver++(2M) in 20 steps as sample.py runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a
+    young model's early mistakes). Image k (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise
+    drawn alone from seed + k. captions: the prompts' Caption; null: T5("")'s."""
     model.eval()
-    rows, shape = [], (1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    images, shape = [], (1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
     for p in range(len(captions.y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
         gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(captions.y.device)  # (n, C, h, w)
         x = diffusion.sample(model, x, captions.y[p:p + 1].expand(per_prompt, -1, -1), captions.mask[p:p + 1].expand(
                              per_prompt, -1), null.y, null.mask, sampler, 20 if sampler == "dpm" else 100, cfg,
                              clip_x0=clip_x0, generator=gens, progress=False)
-        rows.append(vae.decode(x).float().clamp(-1, 1).cpu())  # (n, 3, H, W)
+        rgb = ((vae.decode(x).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        images += [Image.fromarray(image) for image in rgb]
     model.train()
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, P·H, n·W)
-    scale = max(1, 128 // (grid.shape[1] // len(rows)))  # tiles at least 128 px tall
-    img = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+    sample.save_grid(images, prompts, path)  # small images enlarged
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -297,7 +297,7 @@ def setup_run_folder(args, components, master):
     in its sample.json, so that `sample.py --model <out>` needs no flags."""
     os.makedirs(args.out, exist_ok=True)
     if master:
-        print(f"train.py: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
+        print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
               f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
         if components is not None:  # --vae is the run's VAE
             hub.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)

@@ -6,6 +6,8 @@ knows the rest: which files a layout has, where its config is, how to tell the l
 
     layout                                                        read                write
     official PixArt-Σ / -α .pth (torch zip, {"state_dict": ...})  load_checkpoint     -
+    official PixArt-α ControlNet .pth (base_model.*, controlnet.*)  load_checkpoint     -
+    a ControlNet alone: ours (.safetensors), diffusers' adapter     load_controlnet     save_controlnet(_diffusers)
     diffusers transformer/ (config.json + safetensors, sharded)   load_checkpoint     save_diffusers
     ours: one .safetensors, the SigmaConfig in its metadata       load_checkpoint     save_checkpoint
     a train.py run: latest -> step_N/{model,ema}.safetensors      latest_checkpoint   (checkpoints.save_state)
@@ -34,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import controlnet
 import sigma
 import t5
 import vae as vaelib
@@ -297,6 +300,10 @@ def read_state_dict(src):
         sd = read_torch(src)
     # DDP saves 'module.x', torch.compile '_orig_mod.x', and train.py's compile(DDP(model)) '_orig_mod.module.x'
     sd = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
+    if any(k.startswith(("base_model.csize_embedder.", "base_model.ar_embedder.")) for k in sd):
+        raise ValueError(f"{src if not isinstance(src, dict) else 'this state dict'} is PixArt-α's 1024 ControlNet "
+                         "(ControlPixArtMSHalf): its copies were trained with α's image-size and aspect-ratio "
+                         "embeddings added to t, which sigma's models do not have; use α's 512 ControlNet or one of ours")
     if any(k.startswith("transformer_blocks.") for k in sd):
         sd = sigma.convert_diffusers(sd)
     return drop_micro_conditions(sd), config
@@ -318,8 +325,9 @@ def _fill_in(sd, expected, config):
               f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
     if "y_embedder.y_embedding" not in sd:
         sd["y_embedder.y_embedding"] = torch.zeros(config.caption_tokens, config.caption_channels, **new)
-        print("weights: no null-caption embedding in this checkpoint (diffusers format): zeros stored, "
-              "encode T5(\"\") where one is needed", file=sys.stderr)
+        print("weights: note: diffusers' format keeps no null-caption embedding (y_embedding); zeros are put in its "
+              "place, which is fine: sampling never reads it (T5 encodes the negative prompt) and train.py fills it "
+              "with T5(\"\")", file=sys.stderr)
     return sd
 
 
@@ -330,6 +338,10 @@ def load_checkpoint(src, config=None):
     adds KV compression to a plain checkpoint, with the paper's averaging init for the new conv and norm.
     """
     sd, found = read_state_dict(src)
+    if "base_model.x_embedder.proj.weight" in sd:  # the official ControlNet file: the base and the copies in one
+        base = {k.removeprefix("base_model."): v for k, v in sd.items() if k.startswith("base_model.")}
+        return load_controlnet({k: v for k, v in sd.items() if not k.startswith("base_model.")},
+                               load_checkpoint(base, config or found))
     if "x_embedder.proj.weight" not in sd:
         raise ValueError(f"{'state dict' if isinstance(src, dict) else src} is not a PixArt checkpoint "
                          f"(no x_embedder.proj.weight / pos_embed.proj.weight); first keys: {list(sd)[:5]}")
@@ -343,6 +355,52 @@ def load_checkpoint(src, config=None):
                f"{config.depth}, width {config.hidden_size}, KV layers {list(config.kv_compress_layers)})")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
     return model.eval()
+
+
+def load_controlnet(src, base):
+    """A ControlNet's copies -> controlnet.ControlPixArt on the PixArtSigma `base` (fp32, eval). src: our .safetensors
+    (save_controlnet), diffusers' research adapter (a folder with diffusion_pytorch_model.safetensors, or that file),
+    a train.py run or step folder with controlnet.safetensors, or a state dict; an official ControlNet .pth loads
+    whole through load_checkpoint."""
+    if not isinstance(src, dict) and os.path.isdir(src) and os.path.isfile(
+            os.path.join(step := latest_checkpoint(src) or src, "controlnet.safetensors")):
+        src = os.path.join(step, "controlnet.safetensors")  # a train.py ControlNet run or one of its steps
+    sd = read_state_dict(src)[0]
+    if any(k.startswith("controlnet_blocks.") for k in sd):
+        sd = controlnet.convert_diffusers(sd)
+    copies = len({k.split(".")[1] for k in sd if k.startswith("controlnet.")})
+    name = "state dict" if isinstance(src, dict) else os.fspath(src)
+    if not copies:
+        raise ValueError(f"{name} holds no ControlNet (no controlnet.* or controlnet_blocks.* keys); first keys: {list(sd)[:3]}")
+    with torch.device("meta"):  # no memory, no init work: every copy comes from the file
+        model = controlnet.ControlPixArt(sigma.PixArtSigma(base.config), copies)
+    expected = model.controlnet.state_dict()
+    sd = {k.removeprefix("controlnet."): v for k, v in sd.items()}
+    check_keys(sd, expected, name, f"a ControlNet of {copies} copies on the base model (depth {base.config.depth}, "
+               f"width {base.config.hidden_size}, KV layers {list(base.config.kv_compress_layers)})")
+    model.controlnet.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    model.base_model = base.requires_grad_(False)
+    return model.eval()
+
+
+def save_controlnet(model, path):
+    """Our ControlNet file: the copies alone (official names, `controlnet.*`) in one .safetensors; the base is separate."""
+    model = getattr(model, "_orig_mod", model)
+    _save_safetensors({f"controlnet.{k}": v for k, v in model.controlnet.state_dict().items()}, path,
+                      {"format": "pt", "controlnet_copies": str(len(model.controlnet))})
+
+
+def save_controlnet_diffusers(model, folder):
+    """The copies in diffusers' research layout (PixArtControlNetAdapterModel): config.json + safetensors."""
+    model = getattr(model, "_orig_mod", model)
+    sd, copies = {f"controlnet.{k}": v for k, v in model.controlnet.state_dict().items()}, len(model.controlnet)
+    if model.config.kv_compress_layers and any(i < copies for i in model.config.kv_compress_layers):
+        raise ValueError("diffusers' adapter has no KV compression, and this ControlNet copies compressed blocks")
+    theirs = {n: t for ours, names in controlnet.diffusers_pairs(copies) for n, t in zip(names, sd[ours].chunk(len(names)))}
+    os.makedirs(folder, exist_ok=True)
+    with atomic(os.path.join(folder, "config.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"_class_name": "PixArtControlNetAdapterModel", "num_layers": copies}, f, indent=2)
+    _save_safetensors(theirs, os.path.join(folder, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
 
 
 def _save_safetensors(tensors, path, metadata):

@@ -44,9 +44,10 @@ def latest_step(run):
     return step
 
 
-def said(err):
-    """train.py's lines on stderr (the progress bar's are not lines of their own)."""
-    return [line for line in re.sub(r"\r|\x1b\[A", "\n", err).splitlines() if line.startswith("train.py: ")]
+def said(err, prog="train.py"):
+    """The lines of the run's messages on stderr (the progress bar's are not lines of their own); they name the command
+    that was run: train.py when train.main is called from here, quickstart.py in a subprocess of it."""
+    return [line for line in re.sub(r"\r|\x1b\[A", "\n", err).splitlines() if line.startswith(f"{prog}: ")]
 
 
 def fast(out, *extra):
@@ -365,8 +366,8 @@ def test_a_real_full_disk(tmp_path, one_thread):
     done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={room}k tmpfs {disk} && "
                            f"cp -r {run} {disk} && {command}; echo status $?; ls -a {disk / 'run'}; cat {disk / 'run/latest'}"],
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
-    lines, latest = said(done.stderr), disk / "run" / "step_0000002"
-    assert len(lines) == 1 and lines[0].startswith(f"train.py: cannot save step 4 in {disk / 'run'}: No space left on "
+    lines, latest = said(done.stderr, "quickstart.py"), disk / "run" / "step_0000002"
+    assert len(lines) == 1 and lines[0].startswith(f"quickstart.py: cannot save step 4 in {disk / 'run'}: No space left on "
                                                    "device (ENOSPC, "), done.stderr[-3000:]
     assert lines[0].endswith(f"nothing of the step was kept and 'latest' still names {latest}: make room (or fix the "
                              "folder), then continue with --resume")
@@ -394,10 +395,11 @@ def test_a_signal_saves_the_step_under_way(tmp_path, one_thread, sig):
     err = (tmp_path / "err").read_text()
     assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
     step = latest_step(run)
-    assert said(err) == [f"train.py: {sig.name}: the step under way finishes and is saved, then training stops (send it "
-                         "again to stop at once, unsaved)",
-                         f"train.py: {sig.name}: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue "
-                         "with --resume"]
+    first = (f"quickstart.py: {sig.name}: the step under way finishes and is saved, then training stops (send it again "
+             "to stop at once, unsaved)")
+    last = f"quickstart.py: {sig.name}: stopped after step {step}, saved in {run / f'step_{step:07d}'}; continue with --resume"
+    assert said(err, "quickstart.py") == [first, last]  # named as the user ran it: quickstart.py, not train.py
+    assert err.split(first)[1] == f"\n{last}\n", err[-3000:]  # and the progress bar is not drawn again between or after
     quickstart.train(fast(run, "--steps", step + 1, "--resume"))
     quickstart.train(fast(tmp_path / "straight", "--steps", step + 1))
     assert losses(run)[step + 1] == losses(tmp_path / "straight")[step + 1]

@@ -82,6 +82,28 @@ def test_exported_run_draws_the_same_image_in_diffusers_and_sample_py(trained, t
     assert np.abs(a - b).max() <= 1
 
 
+def test_the_readme_snippet_runs_quietly(trained, tmp_path, capsys, one_thread):
+    """README's diffusers snippet, run as written on an exported run: an image, and no notice on diffusers' logger (by
+    default the pipeline warns that the optional bs4 is missing)."""
+    import logging
+    from diffusers.utils import logging as diffusers_logging
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    snippet = readme.split("### Using a run in diffusers")[1].split("```python\n")[1].split("```")[0]
+    out = tmp_path / "exported"
+    assert cli(capsys, trained[1], out)[0] == 0
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        scope = {}
+        exec(snippet.replace('"exported/"', repr(str(out))), scope)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert scope["image"].size == (256, 256)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
 def test_a_given_step_and_the_released_components_from_the_cache(trained, tmp_path, monkeypatch, capsys):
     """A step folder exported with the components the run got from train.py's default, the released repo: found
     in the Hugging Face cache (never fetched) and linked from its blobs."""

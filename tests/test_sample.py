@@ -147,9 +147,10 @@ def test_size_cost_refuses_and_names_a_size_that_fits():
     force=True only said; when not even the training bucket fits, the refusal says so."""
     config = sigma.CONFIGS["2K"]
     check = lambda hw, free, force=False: sizes.check_cost(config, hw, 8, True, 2, 2, free, 1e14, 20, force)
-    with pytest.raises(ValueError, match="it would not fit; the largest size of this shape that fits is about") as e:
+    with pytest.raises(ValueError, match="it would not fit; the largest size of this shape that fits in memory and in an "
+                                         "hour is about") as e:
         check((4096, 3072), 2 * 2**30)
-    w, h = map(int, str(e.value).split("fits is about ")[1].split()[0].split("x"))
+    w, h = map(int, str(e.value).split("hour is about ")[1].split()[0].split("x"))
     assert 0.25 < w * h / (4096 * 3072) < 1 and abs(w / h - 3072 / 4096) < 0.02
     assert check((h, w), 2 * 2**30) is not None  # above the training size: said, not refused
     with pytest.raises(ValueError, match="would not fit"):
@@ -158,6 +159,27 @@ def test_size_cost_refuses_and_names_a_size_that_fits():
     assert check((2048, 2048), 2 * 2**30) is None  # the training size: nothing to say
     with pytest.raises(ValueError, match="it would not fit; not even the smallest size of this shape fits"):
         check((4096, 3072), 2**30)  # the 2048² bucket alone takes 1.1 GiB
+
+
+def test_size_cost_refuses_over_an_hour_and_names_a_size_that_fits():
+    """The quick start's pixel-space DiT at 1000², with memory to spare and the device's rate injected so that 20 steps
+    take 0.99 or 1.01 hours (the FLOPs: dit_cost's count, checked against torch's above): said, or refused naming a
+    size that passes (and one 10% larger on each side that does not); with force=True only said."""
+    config = sigma.SigmaConfig(depth=3, hidden_size=128, num_heads=4, in_channels=3, out_channels=6, caption_channels=64,
+                               caption_tokens=16, sample_size=16)
+    flops = sizes.dit_cost(config, 1000, 1000, 1, 2, 4)[2]  # per step, 2 rows (CFG)
+    check = lambda hw, hours, force=False: sizes.check_cost(config, hw, 1, False, 2, 4, 2**50,
+                                                            20 * flops / (hours * 3600), 20, force)
+    assert "at least 59 min for 20 steps" in check((1000, 1000), 0.99)  # under the hour: said (far above 16²), not refused
+    with pytest.raises(ValueError, match="at least 61 min for 20 steps: it would take over an hour; the largest size of "
+                                         "this shape that fits in memory and in an hour is about") as e:
+        check((1000, 1000), 1.01)
+    side = int(str(e.value).split("in an hour is about ")[1].split("x")[0])
+    assert 980 <= side < 1000  # time grows a little faster than the tokens (attention: T²): 1/1.01 of the time is > 99.5% of the side
+    assert "over an hour" not in check((side, side), 1.01)
+    with pytest.raises(ValueError, match="it would take over an hour"):
+        check((int(side * 1.1), int(side * 1.1)), 1.01)
+    assert "it may take over an hour (the largest size" in check((1000, 1000), 1.01, force=True)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory read from Linux's /proc")
@@ -207,7 +229,7 @@ def test_images_match_diffusers_pipeline(components, size, binning, negative):
     got = ours(components, prompt, size, seed=3, binning=binning, negative=negative, output_type="np")
     assert expected.shape == got.shape == (size[0], size[1], 3)
     assert expected.std() > 0.04  # a real picture, not a flat colour
-    assert np.abs(expected - got).max() < 2e-5
+    assert np.abs(expected - got).max() < 2e-5  # images in [0, 1]: relative to their range, 1/200 of an 8-bit step
     a = np.asarray(pipe.image_processor.numpy_to_pil(expected[None])[0], dtype=np.int16)  # diffusers' 8-bit image
     b = np.asarray(ours(components, prompt, size, seed=3, binning=binning, negative=negative), dtype=np.int16)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3  # measured 7e-5; a floor instead of rounding: 0.5
@@ -239,6 +261,21 @@ def test_pipeline_saved_by_diffusers(components, tmp_path, capsys):
     os.remove(saved / "tokenizer" / "tokenizer.json")  # neither file: one line naming both
     rc, _, err = cli(capsys, prompt, "--model", saved, "--out", tmp_path / "out")
     assert rc == 2 and f"no tokenizer at {saved}/tokenizer: expected spiece.model or tokenizer.json" in err
+
+
+def test_a_diffusers_checkpoint_needs_no_null_caption(components, capsys, one_thread):
+    """diffusers' files keep no y_embedding: loading one says so in a one-line note, and the note's claim holds: the
+    images do not depend on it (the null caption comes from T5(""))."""
+    model = weights.load_checkpoint(f"{components}/transformer")
+    err = capsys.readouterr().err
+    assert err.startswith("weights: note: ") and err.count("\n") == 1 and "error" not in err.lower()
+    t5model = weights.load_t5(f"{components}/text_encoder", dtype=torch.float32)
+    draw = lambda: sample.generate(["a red fox"], model, t5model, Tokenizer(f"{components}/tokenizer/spiece.model"),
+                                   weights.load_vae(f"{components}/vae"), size=(64, 64), steps=2, progress=False,
+                                   output_type="np")[0]
+    zeros = draw()
+    model.y_embedder.y_embedding.normal_()
+    assert np.array_equal(draw(), zeros)
 
 
 def test_t5_is_freed_before_the_dit_runs(components, tmp_path, monkeypatch, capsys):
