@@ -110,7 +110,8 @@ def sample_parser(doc):
     p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
     p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
     p.add_argument("--low-memory", action="store_true", help="run T5 on the CPU (slower) so that small GPUs suffice")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT: the first image is slower, later ones faster")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional: one compile serves "
+                   "all blocks); the first image pays the compile, later ones run faster")
     return p
 
 
@@ -184,7 +185,7 @@ def parse_train_args(argv=None, defaults=None, need_data=True, own_components=Fa
     a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999 (0 = off, as the official Sigma trainer)")
     a("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
     a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile each DiT block (regional; checkpoints keep their keys)")
     a("--seed", type=int, default=0, help="seed of the data order and of the noise")
     a("--workers", type=int, default=4, help="data-loading processes per rank")
     a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")

@@ -107,8 +107,9 @@ def main(args, dataset=None, components=None, config=None):
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
     step = checkpoints.load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    if args.compile:  # regional: each block compiled in place, so checkpoints of `model` keep their keys
+        model.compile_blocks()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
@@ -186,8 +187,9 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
         batch = next(batches)
         sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
         with sync:
+            y, mask = diffusion.drop_padding(batch.y, batch.mask)  # (n, L', D): outside the (compiled) model
             with autocast:
-                out = diffusion.training_losses(net, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+                out = diffusion.training_losses(net, batch.x0, batch.t, y, mask, batch.noise)
             (out["loss"].mean() / args.grad_accum).backward()
         sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
                                    out["loss"].new_tensor(len(batch.t))]).detach()

@@ -20,6 +20,8 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     # the correctness rows: each judged against the reference in this very run
     goals = [r["goal"] for r in report["rows"] if r["section"] in ("dit", "kv", "pipeline", "lora", "ddp")]
     assert len(goals) == 8 and all(g.endswith(": ok") for g in goals), goals
+    compiled = [r for r in report["rows"] if r["what"].startswith("compiled vs fp32")]  # regional compile = eager
+    assert len(compiled) == 1 and compiled[0]["goal"].endswith(": ok"), compiled
     # the table comes last, and the log holds everything printed
     assert res.stdout.rstrip().splitlines()[-1].startswith("ratio: reference time / ours")
     assert "sigma GPU check: " in open(tmp_path / "gpu_check.log").read()
@@ -47,4 +49,4 @@ def test_without_diffusers_ours_is_timed_alone(tmp_path):
     assert "diffusers NOT INSTALLED (ours alone)" in res.stdout
     assert report["sections"]["dit"]["status"] == "skipped: diffusers not installed"
     forward = [r for r in report["rows"] if r["section"] == "forward"]
-    assert len(forward) == 2 and all(r["ref"] is None and r["ours"] > 0 for r in forward)
+    assert len(forward) == 3 and all(r["ref"] is None and r["ours"] > 0 for r in forward)  # ours, all 300 tokens, KV
