@@ -293,16 +293,12 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
             base = torch.cuda.memory_allocated()
             ref()  # its T5 forward is inside this window too (small next to the DiT's activations)
             peak_ref = torch.cuda.max_memory_allocated() - base + weight_bytes(ref_dit, ref_vae)
-            start = []
-
-            def dit_after_t5():  # generate calls this once T5 is done: from here on, the DiT + VAE phase
-                torch.cuda.reset_peak_memory_stats()
-                start.append(torch.cuda.memory_allocated())
-                return dit
-
-            sample.generate([prompt], dit_after_t5, text_encoder, tokenizer, vae, size=(side, side), binning=False,
-                            progress=False)
-            peak = torch.cuda.max_memory_allocated() - start[0] + weight_bytes(dit, vae)
+            captions = sample.encode_prompts(text_encoder, tokenizer, [prompt])
+            torch.cuda.reset_peak_memory_stats()  # T5 is done: from here on, the DiT + VAE phase
+            start = torch.cuda.memory_allocated()
+            latents = sample.sample_latents(dit, captions, (side // 8, side // 8), progress=False)
+            sample.decode(vae, latents, (side, side))
+            peak = torch.cuda.max_memory_allocated() - start + weight_bytes(dit, vae)
             print(f"{'  peak GPU memory, DiT + VAE (weights included)':<48} ours {peak / 2**30:6.2f} GiB   "
                   f"diffusers {peak_ref / 2**30:6.2f} GiB", flush=True)
         del pipe, ref_dit, dit, kv

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
+import cli
 import controlnet
 import data
 import diffusion
@@ -276,9 +277,10 @@ def test_train_py_trains_only_the_copies_and_resumes_exactly(tmp_path, monkeypat
     base_run = tmp_path / "base"
     quickstart.train(flags + ["--out", str(base_run), "--steps", "2", "--preview-every", "0"])
     base = weights.load_checkpoint(str(base_run / "step_0000002" / "ema.safetensors"))
-    cn = lambda out, *extra: train.main(flags + ["--out", str(out), "--init", str(base_run), "--controlnet", "2",
-                                                 "--lr", "1e-3", "--ema", "0.5", *map(str, extra)], dataset=Paired(),
-                                        components=lambda args: quickstart.components(args.out), defaults=quickstart.DEFAULTS)
+    def cn(out, *extra):
+        args = cli.parse_train_args(flags + ["--out", str(out), "--init", str(base_run), "--controlnet", "2", "--lr",
+                                             "1e-3", "--ema", "0.5", *map(str, extra)], quickstart.DEFAULTS, False, True)
+        return train.main(args, Paired(), quickstart.components(str(out)))
     straight = cn(tmp_path / "a", "--steps", 4, "--preview-every", 4,
                   "--preview-prompts", "a red circle on a blue background|a green square on a white background")
     assert all(torch.equal(v, straight.base_model.state_dict()[k]) for k, v in base.state_dict().items())  # frozen
@@ -314,8 +316,9 @@ def test_sample_py_controls_as_the_sampler_with_the_condition_resized_and_encode
     flags = ["--image-size", "16", "--batch-size", "4", "--warmup", "1", "--save-every", "2", "--steps", "2",
              "--preview-every", "0"]
     quickstart.train(flags + ["--out", str(tmp_path / "base"), "--lr", "0.05"])  # a base whose output is not ~0
-    train.main(flags + ["--out", str(tmp_path / "cn"), "--init", str(tmp_path / "base"), "--controlnet", "1", "--lr", "0.1"],
-               dataset=Paired(), components=lambda args: quickstart.components(args.out), defaults=quickstart.DEFAULTS)
+    args = cli.parse_train_args(flags + ["--out", str(tmp_path / "cn"), "--init", str(tmp_path / "base"), "--controlnet",
+                                         "1", "--lr", "0.1"], quickstart.DEFAULTS, need_data=False, own_components=True)
+    train.main(args, Paired(), quickstart.components(str(tmp_path / "cn")))
     outline = Image.new("RGB", (32, 32))  # twice the model's size: resized to 16 × 16
     ImageDraw.Draw(outline).ellipse([4, 6, 20, 22], outline="white", width=2)
     outline.save(tmp_path / "outline.png")
@@ -332,7 +335,7 @@ def test_sample_py_controls_as_the_sampler_with_the_condition_resized_and_encode
     base = weights.load_checkpoint(str(tmp_path / "base" / "step_0000002" / "ema.safetensors"))
     model = weights.load_controlnet(str(tmp_path / "cn"), base)
     c = torch.from_numpy(np.asarray(outline.resize((16, 16), Image.BICUBIC), dtype=np.float32)).permute(2, 0, 1)[None]
-    c = (c / 127.5 - 1) * 4.0  # pixel space: the image × --pixel-scale
+    c = (c / 127.5 - 1) * 4.0  # the quick start's pixel space "encodes" an image as the image × 4
     t5 = weights.load_t5(str(tmp_path / "base" / "text_encoder"), dtype=torch.float32)
     tok = Tokenizer(str(tmp_path / "base" / "tokenizer" / "spiece.model"))
     (y, mask), (y0, mask0) = t5lib.encode(t5, tok, [prompt]), t5lib.encode(t5, tok, [""])

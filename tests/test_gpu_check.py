@@ -50,3 +50,19 @@ def test_without_diffusers_ours_is_timed_alone(tmp_path):
     assert report["sections"]["dit"]["status"] == "skipped: diffusers not installed"
     forward = [r for r in report["rows"] if r["section"] == "forward"]
     assert len(forward) == 3 and all(r["ref"] is None and r["ours"] > 0 for r in forward)  # ours, all 300 tokens, KV
+
+
+def test_kernel_kinds_of_real_cuda_kernel_names():
+    """The profile's split by kind, on kernel names the CUDA profiler prints (cuBLAS/cuDNN/flash/efficient attention,
+    elementwise, inductor's fused Triton kernels): the efficient-attention kernel says "cutlass" too, and is attention."""
+    import gpu_check
+    names = {"fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72>>": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+             "nvjet_tst_192x192_64x3_1x2_h_bz_coopA_TNN": "matmul",
+             "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>": "matmul",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "other",
+             "triton_poi_fused_add_mul_native_layer_norm_0": "other"}
+    assert {name: gpu_check.kernel_kind(name) for name in names} == names
