@@ -57,7 +57,8 @@ def edge_map(img, threshold=0.2):
     """A photo -> a ControlNet condition without another tool: its edges, white on black (greyscale, a light blur
     against noise, PIL's FIND_EDGES 3×3 Laplacian, stretched to [0, 1], thresholded)."""
     edges = img.convert("L").filter(ImageFilter.GaussianBlur(1)).filter(ImageFilter.FIND_EDGES)
-    x = np.asarray(edges, dtype=np.float32)
+    x = np.asarray(edges, dtype=np.float32).copy()
+    x[[0, -1]], x[:, [0, -1]] = 0, 0  # PIL copies the border pixels unfiltered: a bright border is no edge
     x = x / max(x.max(), 1.0)
     return Image.fromarray(((x > threshold) * 255).astype(np.uint8)).convert("RGB")
 
@@ -131,15 +132,11 @@ def scan(path, caption_keys=("caption",), control=False):
             if image is None or missing:
                 raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
                                  f"missing {missing or ['image']}")
-            if control and not isinstance(rec.get("control"), str):
-                raise ValueError(f"{path} line {n + 1}: a ControlNet needs each image's condition image: add "
-                                 '"control": "<path relative to the manifest>"')
-            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]) + (
-                (os.path.join(root, rec["control"]),) if control else ()))
-    if control and os.path.isdir(path):  # the condition beside each image: cat.jpg -> cat.control.png
-        entries = [(image, captions, os.path.splitext(image)[0] + ".control.png") for image, captions in entries]
+            cond = os.path.join(root, rec["control"]) if isinstance(rec.get("control"), str) else None
+            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys], cond))
     records, skipped = [], len(uncaptioned)
     for image, captions, *cond in entries:
+        cond = cond[0] if cond else os.path.splitext(image)[0] + ".control.png"  # a folder: cat.jpg -> cat.control.png
         try:
             with Image.open(image) as im:  # reads the header only
                 im.verify()
@@ -149,8 +146,8 @@ def scan(path, caption_keys=("caption",), control=False):
             print(f"skipping unreadable image {image}: {type(e).__name__}: {e}")
             continue
         records.append(dict(image=image, captions=captions, height=h, width=w))
-        if cond:
-            records[-1]["control"] = check_control(cond[0], image, (w, h))
+        if control:
+            records[-1]["control"] = check_control(cond, image, (w, h))
     if not records:
         raise ValueError(f"--data {path}: none of its images could be read (see the lines above)")
     return records, skipped
@@ -158,9 +155,12 @@ def scan(path, caption_keys=("caption",), control=False):
 
 def check_control(path, image, size):
     """A condition image must exist and have its image's size (it is cropped the same way) -> its path."""
+    if path is None:  # a manifest line without one
+        raise ValueError(f"--data: {image} has no condition image: a ControlNet trains on pairs; add \"control\": "
+                         "PATH (relative to the manifest) to its line")
     if not os.path.isfile(path):
-        raise ValueError(f"--data: {image} has no condition image {path}: a ControlNet trains on pairs (give every "
-                         "image its condition: NAME.control.png beside it, or \"control\" in the manifest)")
+        raise ValueError(f"--data: {image} has no condition image ({path}): a ControlNet trains on pairs; give every "
+                         "image its condition, NAME.control.png beside it, or \"control\" in the manifest")
     try:
         with Image.open(path) as im:
             found = im.size

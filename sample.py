@@ -100,10 +100,10 @@ def decode(vae, latents, size, output_type="pil"):
 
 
 @torch.no_grad()
-def encode_condition(vae, image, size):
+def encode_condition(vae, image, size, edges=False):
     """A ControlNet's condition, a PIL image -> its latent (1, C, h, w): resized to the generation size (height, width)
-    and encoded like an image, as the ControlNet was trained on it."""
-    x = data.to_tensor(image.resize(size[::-1], Image.BICUBIC))  # (1, 3, H, W) in [-1, 1]
+    and encoded like an image, as the ControlNet was trained on it; edges: a photo's edges instead (data.edge_map)."""
+    x = data.to_tensor((data.edge_map(image) if edges else image).resize(size[::-1], Image.BICUBIC))  # (1, 3, H, W)
     return vae.encode(x.to(next(vae.parameters()))).float()
 
 
@@ -218,11 +218,8 @@ def run(args):
     del t5
     release_memory()
     # 2. a ControlNet's condition, encoded by the VAE (small: it stays for step 4)
-    vae, control = None, None
-    if args.controlnet:
-        vae = hub.load("VAE", files["vae"], weights.load_vae, dtype, device)
-        image = data.read_image(args.control, "--control")
-        control = encode_condition(vae, data.edge_map(image) if args.control_edges else image, (gen_h, gen_w))
+    vae = hub.load("VAE", files["vae"], weights.load_vae, dtype, device) if args.controlnet else None
+    control = vae and encode_condition(vae, data.read_image(args.control, "--control"), (gen_h, gen_w), args.control_edges)
     # 3. the DiT denoises; then it leaves too
     model = model.to(device).compile_blocks() if args.compile else model.to(device)
     latents = sample_latents(model, captions, (gen_h // vae_factor, gen_w // vae_factor), n=args.n, seed=seed,

@@ -155,10 +155,10 @@ def main(args, dataset=None, components=None, config=None):
 
     # Done: where the run is, and how to sample it
     if master:
-        prompt, model_flag = args.preview_prompts.split("|")[0], f"--model {args.init} --controlnet {args.out} --control " \
-            "CONDITION.png" if args.controlnet else f"--model {args.out}"
+        prompt = args.preview_prompts.split("|")[0]
+        what = f"--model {args.init} --controlnet {args.out} --control IMAGE" if args.controlnet else f"--model {args.out}"
         print(f"{checkpoints.program()}: done, step {step} in {weights.latest_checkpoint(args.out)}; sample it with:\n"
-              f"    python sample.py {model_flag} \"{prompt}\"")
+              f"    python sample.py {what} \"{prompt}\"")
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()

@@ -225,10 +225,10 @@ def test_conditions_beside_images_and_in_manifests(tmp_path):
     with pytest.raises(ValueError, match="is 96x96 but its image .*a.png is 128x64: make them the same size"):
         data.scan(str(manifest), control=True)
     manifest.write_text(json.dumps(dict(image="a.png", caption="x")))
-    with pytest.raises(ValueError, match='line 1: a ControlNet needs each image\'s condition image: add "control"'):
+    with pytest.raises(ValueError, match='a.png has no condition image: a ControlNet trains on pairs; add "control"'):
         data.scan(str(manifest), control=True)
     os.remove(tmp_path / "b.control.png")
-    with pytest.raises(ValueError, match="b.jpg has no condition image .*b.control.png"):
+    with pytest.raises(ValueError, match=r"b.jpg has no condition image \(.*b.control.png\)"):
         data.scan(str(tmp_path), control=True)
     (tmp_path / "a.control.txt").write_text("caption")
     assert len(data.scan(str(tmp_path))[0]) == 3  # without --controlnet a .control.png is an image like any other
@@ -344,3 +344,22 @@ def test_sample_py_controls_as_the_sampler_with_the_condition_resized_and_encode
                          progress=False)
     expected = ((x[0] / 4.0 * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round()
     assert np.abs(expected - controlled).max() <= 1  # 1/255: rounding
+
+
+def test_edge_map_finds_a_step_edge_and_the_flags_go_together(tmp_path):
+    import numpy as np
+    import sample
+    photo = np.zeros((32, 32, 3), np.uint8)
+    photo[:, 16:] = 200  # one vertical edge between columns 15 and 16
+    edges = np.asarray(data.edge_map(Image.fromarray(photo)))[:, :, 0]
+    assert set(np.unique(edges)) == {0, 255}  # white lines on black
+    assert edges[4:-4, 14:18].any(1).all()  # every row has a line at the edge (PIL's Laplacian is clipped at 0:
+    assert not edges[:, :12].any() and not edges[:, 20:].any()  # the bright side only) and nothing away from it
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    for flags, message in ((["--control", str(tmp_path / "photo.png")], "--controlnet and --control go together"),
+                           (["--control-scale", "0.5"], "--control-scale needs --controlnet and --control"),
+                           (["--controlnet", str(tmp_path / "nope"), "--control", str(tmp_path / "photo.png")], "does not exist"),
+                           (["--controlnet", str(tmp_path), "--control", str(tmp_path / "missing.png")], "cannot read it")):
+        args = cli.sample_parser(sample.__doc__).parse_args(["a prompt", *flags])
+        with pytest.raises(ValueError, match=message):
+            cli.check_sample_args(args)

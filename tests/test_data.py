@@ -66,7 +66,7 @@ def test_two_ranks_slice_the_global_batches_of_one_process():
 
 def batches(start, rank, world, batch_size, n):
     """n of training_batches' micro-batches on cached features, caption dropout 0.25."""
-    args = SimpleNamespace(batch_size=batch_size, seed=3, workers=0, caption_dropout=0.25)
+    args = SimpleNamespace(batch_size=batch_size, seed=3, workers=0, caption_dropout=0.25, controlnet=0)
     null = train.Caption(torch.full((8, 6), 7.0), torch.ones(8, dtype=torch.long))
     stream = train.training_batches(args, Features(), start, None, null, torch.tensor([1.0]), 8, rank, world,
                                     torch.device("cpu"))
