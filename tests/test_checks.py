@@ -51,7 +51,8 @@ TRAINED = sigma.SigmaConfig(depth=2, hidden_size=32, num_heads=2, caption_tokens
     (512 + 16, "far"),                           # above 4x: far, too
 ])
 def test_a_size_far_from_the_training_size_is_said_above_and_below(side, says):
-    note = sizes.check_cost(TRAINED, (side, side), 8, False, 2, 4, 2**40, 1e12, 1)
+    note = sizes.check_cost(TRAINED, (side, side), sizes.generation_size(side, side, TRAINED, False), 8, False, 2, 4,
+                            2**40, 1e12, 1)
     tokens = (side // 16) ** 2
     if says is None:
         assert note is None
