@@ -1,11 +1,12 @@
 """The checks of a pair, each tested on both sides of its line: a state dict's keys against the model's (missing,
 unexpected, misshaped: each alone), a sampling size against the training size (above and below, at each threshold),
-a prompt's tokens against T5's limit (just below, at and above it)."""
+a prompt's tokens against T5's limit (just below, at and above it), --caption-keys' weights against 0."""
 import warnings
 
 import pytest
 import torch
 
+import data
 import quickstart
 import sigma
 import sizes
@@ -82,3 +83,15 @@ def test_prompts_just_below_at_and_above_the_token_limit(shapes_tokenizer, words
     assert mask[0].tolist() == [1] * (kept + 1) + [0] * (299 - kept)
     said = [str(w.message) for w in caught]
     assert said == [] if words <= 299 else len(said) == 1 and said[0].startswith(f"prompt 0 has {words + 1} tokens")
+
+
+@pytest.mark.parametrize("text,weights", [("caption:1,vlm:0", [1.0, 0.0]), ("caption", [1.0]), ("caption:0.5,vlm:1.5", [0.5, 1.5]),
+                                          ("caption:0", None), ("caption:1,vlm:-1", None), ("caption:x", None)])
+def test_caption_key_weights_from_zero_up_not_all_zero(text, weights):
+    """A weight of 0 leaves a key out of the mix (allowed); negative, all 0 or not a number: refused in one line."""
+    if weights is None:
+        with pytest.raises(ValueError, match="--caption-keys .*: give KEY or KEY:WEIGHT,... with weights >= 0, not all 0"):
+            data.caption_keys(text)
+        return
+    keys, got = data.caption_keys(text)
+    assert keys == [k.partition(":")[0] for k in text.split(",")] and got.tolist() == weights
