@@ -325,6 +325,7 @@ def test_batches_never_change_an_image(components, sampler, one_thread):
     assert np.abs(alone - batched).max() <= 1
 
 
+@pytest.mark.bf16_attention  # conftest.py
 def test_dtype_aliases(components, tmp_path, capsys, one_thread):
     images = {}
     for dtype in ["fp32", "float32", "bf16", "BFloat16", "half", "float16"]:
