@@ -3,6 +3,7 @@
     python quickstart.py train            # train.main on this world; then look at runs/quickstart/step_*/preview.png
     python sample.py --model runs/quickstart "a red circle on a blue background"   # its latest EMA weights
     python quickstart.py score runs/quickstart   # the right shape and colours in how many samples
+    python quickstart.py controlnet       # a ControlNet on it: shapes where an outline says (OutlineShapes), scored
 
 This file is a user of the product (train.py, sample.py, t5.py): they never import it. weak_to_strong.py runs the
 paper's weak-to-strong stages on the same shapes.
@@ -404,7 +405,7 @@ def control_score(images, outlines, prompts):
 
 # train.py flag defaults of the ControlNet demo (explicit flags still win): 2 copies of the 3 blocks, the quick start's
 # AdamW settings rather than the official 2e-5 and clip 0.01 (a tiny model in minutes, not XL/2 in days)
-CONTROLNET = dict(DEFAULTS, controlnet=2, init="runs/quickstart", out="runs/quickstart_controlnet", steps=1500,
+CONTROLNET = dict(DEFAULTS, controlnet=2, init="runs/quickstart", out="runs/quickstart_controlnet", steps=2500,
                   caption_dropout=0.1, preview_every=500)
 
 
