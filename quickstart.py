@@ -3,6 +3,8 @@
     python quickstart.py train            # train.main on this world; then look at runs/quickstart/step_*/preview.png
     python sample.py --model runs/quickstart "a red circle on a blue background"   # its latest EMA weights
     python quickstart.py score runs/quickstart   # the right shape and colours in how many samples
+    python quickstart.py lora                    # a LoRA that draws the shapes as outlines, a style never shown
+    python quickstart.py score runs/quickstart --lora runs/quickstart_lora   # outlined samples at LoRA scales 0, 0.5, 1
 
 This file is a user of the product (train.py, sample.py, t5.py): they never import it. weak_to_strong.py runs the
 paper's weak-to-strong stages on the same shapes.
@@ -284,7 +286,8 @@ def lora(argv=None):
     trainer.main(argv, dataset=lambda args: ShapesDataset(args.image_size, outline=OUTLINE),
                  components=lambda args: dict(text_encoder=files["text_encoder"], tokenizer=files["tokenizer"], vae=None),
                  config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
-    print(f"score it: python quickstart.py score {args.init} --lora {args.out}")
+    print(f"score it: python quickstart.py score {args.init} --lora {args.out}  (or look: python sample.py --model "
+          f"{args.init} --lora {args.out}:0.5 \"a red circle on a blue background\")")
 
 
 def evaluate(argv=None):

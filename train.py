@@ -313,7 +313,7 @@ def setup_run_folder(args, components, master, world):
     needs no flags. -> the components (None: --components names them)."""
     if master:
         print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
-              f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
+              f"({f'the last {args.keep}' if args.keep else 'all'} kept), log.jsonl; stop any time and continue with --resume")
     os.makedirs(args.out, exist_ok=True)
     if callable(components) and master:
         components = components(args)  # rank 0 writes them, the others read them after the barrier
