@@ -242,7 +242,8 @@ def check_resume(args, resume, master):
         raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
                          "point 'latest' at an earlier step_N folder, or start a new run") from None
     layers = args.kv_compress_layers and hub.parse_layers(args.kv_compress_layers, saved.depth)
-    for flag, now, then in (("--image-size", args.image_size, saved.sample_size * args.vae_factor),
+    run_vae = args.vae or (hub.run_settings(os.path.join(resume, "model.safetensors")) or {}).get("vae")
+    for flag, now, then in (("--image-size", args.image_size, saved.sample_size * weights.vae_factor(run_vae)),
                             ("--caption-tokens", args.caption_tokens, saved.caption_tokens),
                             ("--kv-compress-layers", list(layers or saved.kv_compress_layers), list(saved.kv_compress_layers))):
         if now != then:

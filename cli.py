@@ -110,7 +110,8 @@ def sample_parser(doc):
     p.add_argument("--out", default="out", help="output folder; files are numbered and never overwritten")
     p.add_argument("--no-binning", action="store_true", help="generate at the exact size instead of the nearest trained aspect-ratio bucket")
     p.add_argument("--low-memory", action="store_true", help="run T5 on the CPU (slower) so that small GPUs suffice")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT: the first image is slower, later ones faster")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional: one compile serves "
+                   "all blocks); the first image pays the compile, later ones run faster")
     return p
 
 
@@ -141,9 +142,10 @@ def check_sample_args(args):
 
 
 # ---------------------------------------------------------------------------------------------- train.py
-def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
-    """train.py's flags -> args; defaults: a caller's own (train.main); need_data: --data is required (False: the
-    caller brings the dataset, and --data is refused); doc: train.py's docstring, the help's description."""
+def parse_train_args(argv=None, defaults=None, need_data=True, own_components=False, doc=None):
+    """train.py's flags -> args, checked (check_train_args); defaults: a caller's own (shown by --help, explicit flags
+    win); need_data: --data is required (False: the caller brings the dataset, and --data is refused);
+    own_components: the caller brings T5 and the VAE (--components is refused); doc: the help's description."""
     # no abbreviated flags: check_train_args must see every flag given, as typed
     p = ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument
@@ -183,7 +185,7 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999 (0 = off, as the official Sigma trainer)")
     a("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
     a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile each DiT block (regional; checkpoints keep their keys)")
     a("--seed", type=int, default=0, help="seed of the data order and of the noise")
     a("--workers", type=int, default=4, help="data-loading processes per rank")
     a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
@@ -196,10 +198,11 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
     a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
     a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
       help="'|'-separated preview prompts")
-    a("--pixel-scale", type=float, default=1.0, help="pixel-space models (no VAE): train on images × this")
+    a("--clip-x0", type=float, help="sampling (previews, and sample.py on this run) clips x̂0 to [-B, B] (default: "
+                                     "off, as PixArt-Σ; where the latents' range is known, such as pixels × 4)")
     a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
     a("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(**{"vae_factor": 8, **(defaults or {})})  # vae_factor: pixels per latent (SD/SDXL VAEs: 8; pixels: 1)
+    p.set_defaults(**(defaults or {}))
     if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
         p.set_defaults(**lora.TRAIN_DEFAULTS)
     args = p.parse_args(argv)
@@ -210,6 +213,9 @@ def parse_train_args(argv=None, defaults=None, need_data=True, doc=None):
         p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
     if not need_data and args.data:
         p.error("--data: this entry point trains on its own dataset; use train.py for your images")
+    if not need_data and args.cache:
+        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
+    check_train_args(args, sys.argv[1:] if argv is None else argv, own_components)
     return args
 
 
@@ -224,7 +230,8 @@ def check_train_args(args, argv, own_components=False):
                                                              "--max-nonfinite", "--ddp-timeout")]
                  + [(f, value(f) >= 0, ">= 0") for f in ("--warmup", "--keep", "--workers", "--preview-every", "--seed",
                                                          "--weight-decay")]
-                 + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"), ("--pixel-scale", args.pixel_scale > 0, "> 0"),
+                 + [("--lr", args.lr > 0, "> 0"), ("--clip", args.clip > 0, "> 0"),
+                    ("--clip-x0", args.clip_x0 is None or args.clip_x0 > 0, "> 0"),
                     ("--caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"),
                     ("--pe-interpolation", args.pe_interpolation is None or args.pe_interpolation > 0, "> 0"),
                     ("--kv-compress-ratio", args.kv_compress_ratio is None or args.kv_compress_ratio >= 2, ">= 2")])
@@ -232,9 +239,7 @@ def check_train_args(args, argv, own_components=False):
                  "--preview-prompts": (not args.preview_every, "needs --preview-every N"),
                  "--preview-sampler": (not args.preview_every, "needs --preview-every N"),
                  "--config": (args.init != "scratch", "applies to --init scratch only"),
-                 "--pixel-scale": (args.vae_factor != 1, "applies to pixel-space models (no VAE) only"),
-                 "--components": (own_components, "is set by this entry point"),
-                 "--vae": (args.vae_factor == 1, "has no use in pixel space")}
+                 "--components": (own_components, "is set by this entry point")}
     for flag, (useless, why) in no_effect.items():
         if flag in given and useless:
             raise ValueError(f"{flag} {why}: it would have no effect; leave it out")
@@ -245,11 +250,6 @@ def check_train_args(args, argv, own_components=False):
         if os.environ.get("RANK", "0") == "0":  # a caller's default cadence, said rather than silently thinned
             print(f"{checkpoints.program()}: previews every {math.lcm(args.preview_every, args.save_every)} steps and at the end, "
                   f"with the checkpoints (--preview-every {args.preview_every}, --save-every {args.save_every})")
-    if args.image_size % (2 * args.vae_factor):  # whole 2x2 patches of latents, vae_factor pixels each
-        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {2 * args.vae_factor} (the DiT's 2x2 "
-                         f"patches of {'pixels' if args.vae_factor == 1 else 'latents, 8 px each'})")
-    if not args.no_buckets:
-        sizes.bucket_table(args.image_size)  # its message names --no-buckets
     data.caption_keys(args.caption_keys, (args.data or "").endswith(".jsonl"))
     if args.kv_compress_layers:  # the syntax now; the blocks against the model's depth once it is known
         hub.parse_layers(args.kv_compress_layers)
@@ -266,5 +266,24 @@ def check_train_args(args, argv, own_components=False):
     if args.init != "scratch" and not continued and (os.path.exists(args.init) or not hub.model_name(args.init)):
         hub.resolve_model(args.init, "--init")  # a local path: what it holds is checked, nothing is loaded
     hub.check_components(args.components)
+    if not own_components:  # a caller's own VAE: train.main checks the size against it
+        check_image_size(args.image_size, weights.vae_factor(run_vae(args)))
+    if not args.no_buckets:
+        sizes.bucket_table(args.image_size)  # its message names --no-buckets
     if args.device:
         parse_device(args.device)
+    resume = weights.latest_checkpoint(args.out)  # --out's latest checkpoint: continued only with --resume
+    checkpoints.check_resume(args, resume, master=os.environ.get("RANK", "0") == "0")
+
+
+def run_vae(args, components=None):
+    """The VAE a run encodes with: --vae, else its components' (a caller's, or a local --components folder's); None:
+    the released SDXL VAE of a Hub repo, not fetched yet."""
+    return args.vae or (components or hub.check_components(args.components) or {}).get("vae")
+
+
+def check_image_size(size, vae_factor):
+    """--image-size: whole 2x2 patches of latents, vae_factor pixels each (the VAE's pixels per latent)."""
+    if size % (2 * vae_factor):
+        raise ValueError(f"--image-size {size}: must be a multiple of {2 * vae_factor} (the DiT's 2x2 patches of "
+                         f"latents, {vae_factor} px each)")

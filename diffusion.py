@@ -113,6 +113,14 @@ def training_losses(model, x0, t, y, mask, noise=None):
     return dict(loss=mse + vb, mse=mse, vb=vb)
 
 
+def drop_padding(y, mask):
+    """y (N, L, D), mask (N, L) cut after the last column any row attends to: exact (masked tokens get zero weight), and
+    the DiT's caption work then covers the longest prompt, not 300 tokens. A host sync: once per call, not per step."""
+    used = mask.bool().any(0).nonzero()  # (K, 1): the columns some row attends to
+    L = int(used.max()) + 1 if len(used) else mask.shape[1]
+    return y[:, :L], mask[:, :L]
+
+
 def guided(model, y, mask, y_null, mask_null, scale):
     """Classifier-free guidance (Ho & Salimans 2022) as diffusers' PixArtSigmaPipeline does it: one forward
     of 2N samples (null caption first, then the caption), out = uncond + scale·(cond − uncond) on the whole
@@ -123,15 +131,16 @@ def guided(model, y, mask, y_null, mask_null, scale):
     if y_null.shape[-2:] != y.shape[1:] or mask_null.shape[-1] != mask.shape[1]:
         raise ValueError(f"null caption {tuple(y_null.shape)}, mask {tuple(mask_null.shape)} does not match the "
                          f"caption {tuple(y.shape)}, mask {tuple(mask.shape)}: pad both to the same length L")
-    y_null = y_null.reshape(-1, *y.shape[1:]).to(y).expand_as(y)
-    mask_null = mask_null.reshape(-1, mask.shape[1]).to(mask).expand_as(mask)
+    if scale > 1:  # the captions of every step, built once: the null caption's N rows first
+        y = torch.cat([y_null.reshape(-1, *y.shape[1:]).to(y).expand_as(y), y])  # (2N, L, D)
+        mask = torch.cat([mask_null.reshape(-1, mask.shape[1]).to(mask).expand_as(mask), mask])  # (2N, L)
+    y, mask = drop_padding(y, mask)
 
     def model_fn(x, t):
         if scale <= 1:
             return model(x.to(y.dtype), t, y, mask).float()
         x2, t2 = torch.cat([x, x]).to(y.dtype), torch.cat([t, t])  # (2N, C, H, W), (2N,)
-        out = model(x2, t2, torch.cat([y_null, y]), torch.cat([mask_null, mask]))  # (2N, 2C, H, W)
-        uncond, cond = out.float().split(N)  # (N, 2C, H, W) each
+        uncond, cond = model(x2, t2, y, mask).float().split(N)  # (N, 2C, H, W) each
         return uncond + scale * (cond - uncond)
 
     return model_fn
@@ -170,9 +179,9 @@ def dpm_solver(model_fn, x, steps=20, progress=True):
     alpha, sigma = ALPHAS[ts].tolist() + [1.0], SIGMAS[ts].tolist() + [0.0]
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])] + [math.inf]
     x, C = x.float(), x.shape[1]
-    x0_prev = None
+    ts, x0_prev = ts.to(x.device), None  # on the device before the loop: a step copies nothing from the host
     for i in tqdm(range(steps), desc="dpm-solver++", disable=not progress):
-        eps = model_fn(x, ts[i].expand(x.shape[0]).to(x.device))[:, :C].float()
+        eps = model_fn(x, ts[i].expand(x.shape[0]))[:, :C].float()
         x0 = predict_x0(x, eps, alpha[i], sigma[i])  # data prediction x_θ(x_t, t), the quantity DPM-Solver++ integrates
         if i == steps - 1:
             # last step, to σ = 0: the first-order update below has σ_{t_M} = 0 and e^{−h} = 0, so it lands on
@@ -217,7 +226,7 @@ def ancestral(model_fn, x, steps=100, generator=None, progress=True):
                 z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device="cpu") for g in generator])
             else:
                 z = torch.randn(x.shape, generator=generator, device="cpu")
-            x = mean + torch.exp(0.5 * log_var) * z.to(x.device)
+            x = mean + torch.exp(0.5 * log_var) * z.to(x.device, non_blocking=True)  # no stream sync per step
         else:
             x = mean
     return x

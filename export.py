@@ -13,7 +13,7 @@ The folder has the layout of the released PixArt-alpha/PixArt-Sigma-XL-2-*-MS re
                        included): hard-linked, or copied where a link cannot go (another file system); never downloaded
 The components are the ones train.py recorded in step_N/trainer.pt (its --components: a folder, or a Hub repo found
 in the Hugging Face cache, by default the released one; and its --vae); --components names them instead, for a run
-that does not record them. A pixel-space run (the quick start) has no VAE, which the pipeline needs: refused.
+that does not record them.
 """
 import argparse
 import json
@@ -110,17 +110,16 @@ def export(run, out, components_flag=None):
     # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names
     dit = hub.resolve_model(base)[0] if loras else weights.step_weights(step)
     settings = hub.run_settings(dit if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
-    if settings and settings["pixel_scale"]:
-        raise ValueError(f"{run} is a pixel-space run (the quick start): it has no VAE, and diffusers' "
-                         f"PixArtSigmaPipeline decodes latents with one; sample it with `python sample.py --model {run}`")
+    if settings and settings["clip_x0"]:  # diffusers' DPMSolverMultistepScheduler has no fixed x̂0 clipping
+        print(f"export.py: note: {run} samples with x̂0 clipped to ±{settings['clip_x0']:g} (train.py --clip-x0), which "
+              "diffusers' pipeline does not do: its images will differ", file=sys.stderr)
     if components_flag is None and not args and not settings:
         raise ValueError(f"{step} does not record the run's components (no trainer.pt with its args): pass "
                          f"--components (train.py's default was {hub.COMPONENTS_REPO})")
     if components_flag or not settings:
         parts = components(components_flag) if components_flag else components(args.get("components"), args.get("vae"))
     else:  # the run's own components, as its sample.json names them
-        parts = dict(settings, tokenizer=os.path.dirname(settings["tokenizer"]))
-        parts.pop("pixel_scale")
+        parts = {k: settings[k] for k in ("text_encoder", "vae")} | dict(tokenizer=os.path.dirname(settings["tokenizer"]))
     model = lora.merge(hub.load("transformer", dit, weights.load_checkpoint), loras)  # the pipeline loads a full DiT
     with weights.atomic(os.path.normpath(out)) as tmp:  # written aside, renamed when complete (also onto an empty folder)
         weights.save_diffusers(model, os.path.join(tmp, "transformer"))

@@ -131,20 +131,20 @@ def resolve_components(components=None, model_repo=None, model=None):
                 tokenizer=os.path.join(root, "tokenizer", "spiece.model"), vae=os.path.join(root, "vae"))
 
 
-def save_run_settings(out, components, pixel_scale=None):
+def save_run_settings(out, components, clip_x0=None):
     """out/sample.json: what `sample.py --model <run>` needs besides the weights, so that it takes no flags — the
-    local components the run trained with (text_encoder, tokenizer, vae: None for a pixel-space model), relative
-    to the run folder when inside it, and pixel_scale for a pixel-space model (no VAE, no aspect-ratio buckets)."""
+    local components the run trained with (text_encoder, tokenizer, vae), relative to the run folder when inside it,
+    and the x̂0 clipping range it samples with (train.py --clip-x0; None: none)."""
     rel = lambda p: None if p is None else os.path.relpath(p, out) if os.path.abspath(p).startswith(
         os.path.abspath(out) + os.sep) else os.path.abspath(p)
     settings = {k: rel(components.get(k)) for k in ("text_encoder", "tokenizer", "vae")}
     with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(dict(settings, pixel_scale=pixel_scale), f)
+        json.dump(dict(settings, clip_x0=clip_x0), f)
 
 
 def run_settings(checkpoint):
     """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
-    dict(text_encoder, tokenizer, vae, pixel_scale) with absolute paths, each checked to exist; None when there is none."""
+    dict(text_encoder, tokenizer, vae, clip_x0) with absolute paths, each checked to exist; None when there is none."""
     here = os.path.dirname(os.path.abspath(checkpoint))
     for folder in (here, os.path.dirname(here)):
         path = os.path.join(folder, "sample.json")
@@ -157,10 +157,10 @@ def run_settings(checkpoint):
                                  "components with --components FOLDER") from None
             files = {k: settings.get(k) and os.path.join(folder, settings[k]) for k in ("text_encoder", "tokenizer", "vae")}
             for k, p in files.items():  # absolute paths stay as they are
-                if p and not os.path.exists(p):
+                if not p or not os.path.exists(p):
                     raise ValueError(f"--model {checkpoint}: the {k} named in {path} is missing ({p}; moved?): pass "
                                      "the components with --components FOLDER")
-            return dict(files, pixel_scale=settings.get("pixel_scale"))
+            return dict(files, clip_x0=settings.get("clip_x0"))
     return None
 
 

@@ -16,12 +16,13 @@ paper's weak-to-strong stages on the same shapes.
   so tokenizer.Tokenizer and sample.py load it like the real spiece.model; and a 2-layer T5 encoder with frozen
   weights: random, except that its attention reads neighbours (neighbour_heads) — a plain random T5 hardly
   mixes tokens, so "red" meant nearly the same vector as the shape's colour and as the background's.
-- Pixel space, no VAE: the DiT denoises 16×16 RGB images directly (as DDPM/IDDPM did on pixels), so there is
-  no autoencoder to train first and nothing to download. Two pixel-space details: the images are multiplied
-  by 4 (--pixel-scale, a VAE scaling factor in reverse) so that colours and layout are decided at less extreme
-  noise levels, where a tiny, briefly trained ε-predictor is accurate enough (x̂0 = (x − σ ε̂)/α multiplies ε̂'s
-  error by σ/α ≈ 158 at t = 999); and sampling clips x̂0 to the image range (diffusion.clip_denoised). An EMA of the
-  weights (0.995) smooths the last steps' Adam noise out of the samples.
+- Pixel space: the DiT denoises 16×16 RGB images directly (as DDPM/IDDPM did on pixels), so there is no
+  autoencoder to train first and nothing to download. The images are multiplied by 4 (PIXEL_SCALE, the VAE's
+  scaling_factor) so that colours and layout are decided at less extreme noise levels, where a tiny, briefly
+  trained ε-predictor is accurate enough (x̂0 = (x − σ ε̂)/α multiplies ε̂'s error by σ/α ≈ 158 at t = 999); and
+  sampling clips x̂0 to the images' range, ±4 (train.py --clip-x0, diffusion.clip_denoised). An EMA of the weights
+  (0.995) smooths the last steps' Adam noise out of the samples. The product has no notion of pixel space: to it,
+  this is a VAE like SDXL's, one vae.AutoencoderKL file that train.py, sample.py and export.py load (pixel_space).
 """
 import functools
 import json
@@ -37,13 +38,15 @@ from safetensors.torch import save_file
 
 import sigma
 import t5 as t5lib
+import vae as vae_lib
 import weights
 from tokenizer import Tokenizer
 
+PIXEL_SCALE = 4.0  # the "latents" are the images × 4: pixel_space's scaling_factor
 # train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5.
 # 3 blocks and 2500 steps: 82 ms a step on 2 idle cores (4 blocks: 122 ms), held-out right shapes 99-100% for two seeds
 # (4 blocks: 99% at 2500 steps, 93% at 2000); previews with sample.py's DPM-Solver++ (20 steps: 0.75 s, IDDPM's 100: 4 s)
-DEFAULTS = dict(image_size=16, no_buckets=True, vae_factor=1, pixel_scale=4.0, batch_size=32, lr=1e-3, optimizer="adamw",
+DEFAULTS = dict(image_size=16, no_buckets=True, clip_x0=PIXEL_SCALE, batch_size=32, lr=1e-3, optimizer="adamw",
                 warmup=100, clip=1.0, ema=0.995, steps=2500, save_every=500, log_every=25, out="runs/quickstart",
                 workers=0, caption_tokens=16, lr_scaling=False, preview_every=500,
                 preview_prompts="a red circle on a blue background|a green square on a white background|"
@@ -164,9 +167,9 @@ def score_style(images, prompts, outline):
 
 
 def components(folder, seed=0):
-    """A word-level sentencepiece model trained on the shape captions and a tiny frozen T5 (random weights,
-    neighbour_heads attention), saved in the released layout (tokenizer/spiece.model, text_encoder/) so
-    sample.py loads them like the real ones."""
+    """A word-level sentencepiece model trained on the shape captions, a tiny frozen T5 (random weights,
+    neighbour_heads attention) and the pixel space as a VAE, saved in the released layout (tokenizer/spiece.model,
+    text_encoder/, vae/) so that train.py and sample.py load them like the real ones."""
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     os.makedirs(os.path.join(folder, "text_encoder"), exist_ok=True)
     spiece = os.path.join(folder, "tokenizer", "spiece.model")
@@ -182,7 +185,42 @@ def components(folder, seed=0):
             save_file(neighbour_heads(t5lib.T5Encoder(cfg)).state_dict(), weights)
         json.dump(dict(asdict(cfg), feed_forward_proj="gated-gelu"),
                   open(os.path.join(folder, "text_encoder", "config.json"), "w"))
-    return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=None)
+    return dict(text_encoder=os.path.dirname(weights), tokenizer=spiece, vae=pixel_space(os.path.join(folder, "vae")))
+
+
+@torch.no_grad()
+def pixel_space(folder, scale=PIXEL_SCALE, big=2.0**12):
+    """The quick start's pixel space as a VAE: encode x -> scale·x, decode z -> z/scale, one latent per pixel (3
+    channels), to float32 rounding (~1e-7). It is written as a vae.AutoencoderKL in diffusers' layout
+    (folder/config.json, diffusion_pytorch_model.safetensors), so that the product loads it through its one VAE path.
+    The weights make the network linear:
+    - one level (no downsampling); every residual branch (resnet conv2, attention to_out) is zero: blocks pass through;
+    - conv_in carries each colour c as the 4 channels of one GroupNorm group: x_c, -x_c, +big, -big. The group's
+      mean is then exactly 0 and its variance (x_c² + big²)/2 is big²/2 to within x²/big² (< 1e-7 for |x| < 1.2),
+      so the last GroupNorm only divides by the constant big/√2;
+    - SiLU(a) - SiLU(-a) = a·σ(a) + a·σ(-a) = a: conv_out takes that difference of the x_c and -x_c channels,
+      times big/√2. The quant convs are identities; scaling_factor multiplies by `scale` and divides it back."""
+    if os.path.exists(os.path.join(folder, "diffusion_pytorch_model.safetensors")):
+        return folder
+    cfg = vae_lib.VAEConfig(block_out_channels=(12,), layers_per_block=0, latent_channels=3, norm_num_groups=3,
+                            scaling_factor=scale, force_upcast=False)
+    vae = vae_lib.AutoencoderKL(cfg)
+    for p in vae.parameters():
+        p.zero_()
+    for norm in (m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)):
+        norm.weight.fill_(1)
+    for conv_in, conv_out in ((vae.encoder.conv_in, vae.encoder.conv_out), (vae.decoder.conv_in, vae.decoder.conv_out)):
+        for c in range(3):  # group c: channels 4c .. 4c + 3; 3x3 kernels, centre tap only
+            conv_in.weight[4 * c, c, 1, 1], conv_in.weight[4 * c + 1, c, 1, 1] = 1, -1
+            conv_in.bias[4 * c + 2], conv_in.bias[4 * c + 3] = big, -big
+            conv_out.weight[c, 4 * c, 1, 1], conv_out.weight[c, 4 * c + 1, 1, 1] = big / 2**0.5, -big / 2**0.5
+    for quant in (vae.quant_conv, vae.post_quant_conv):
+        quant.weight.copy_(torch.eye(quant.weight.shape[0])[:, :, None, None])
+    os.makedirs(folder, exist_ok=True)
+    save_file(vae.state_dict(), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f)
+    return folder
 
 
 @torch.no_grad()
@@ -244,18 +282,15 @@ def pick_threads(prog):
 
 
 def train(argv=None):
-    """python quickstart.py train [train.py flags]: train.main on the shapes, with this file's tokenizer, T5 and DiT."""
+    """python quickstart.py train [train.py flags]: train.main on the shapes, with this file's tokenizer, T5, pixel
+    space and DiT."""
+    import cli
     import train as trainer
-    runs = []
-
-    def shapes(args):  # the dataset; notes the run folder for the last line
-        runs.append(args.out)
-        return ShapesDataset(args.image_size)
-    model = trainer.main(argv, dataset=shapes, components=lambda args: components(args.out, args.seed),
-                         config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
-    if os.path.exists(preview := os.path.join(weights.latest_checkpoint(runs[0]), "preview.png")):
+    args = cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
+    model = trainer.main(args, ShapesDataset(args.image_size), components(args.out, args.seed), sigma.SigmaConfig(**DIT))
+    if os.path.exists(preview := os.path.join(weights.latest_checkpoint(args.out), "preview.png")):
         print(f"look at it: {preview} (the preview prompts, 4 seeds each, 8x larger)")
-    print(f"score it: python quickstart.py score {runs[0]}")
+    print(f"score it: python quickstart.py score {args.out}")
     return model
 
 
@@ -271,21 +306,24 @@ def lora(argv=None):
     """python quickstart.py lora [train.py flags]: LoRA adapters (train.py --lora-rank) on the quick-start model (--init;
     trained first when it does not exist), trained on the shapes drawn as outlines; then
     `python quickstart.py score runs/quickstart --lora runs/quickstart_lora` measures the style at scales 0, 0.5, 1."""
+    import argparse
     import cli
     import hub
     import train as trainer
-    argv = LORA + list(argv or [])
-    args = cli.parse_train_args(argv, DEFAULTS, need_data=False)
-    if not os.path.exists(args.init):
-        print(f"quickstart.py lora: no model at {args.init} yet: training it first (python quickstart.py train --out "
-              f"{args.init})")
-        train(["--out", args.init])
-    files = hub.run_settings(hub.resolve_model(args.init, "--init")[0])
-    if files is None or not files["pixel_scale"]:
-        raise ValueError(f"--init {args.init} is not a quick-start run (no pixel-space sample.json beside it)")
-    trainer.main(argv, dataset=lambda args: ShapesDataset(args.image_size, outline=OUTLINE),
-                 components=lambda args: dict(text_encoder=files["text_encoder"], tokenizer=files["tokenizer"], vae=None),
-                 config=sigma.SigmaConfig(**DIT), defaults=DEFAULTS)
+    argv = LORA + [str(a) for a in argv or []]
+    only_init = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    only_init.add_argument("--init")
+    init = only_init.parse_known_args(argv)[0].init  # the last --init given
+    if not os.path.exists(init):
+        print(f"quickstart.py lora: no model at {init} yet: training it first (python quickstart.py train --out {init})")
+        train(["--out", init])
+    files = hub.run_settings(hub.resolve_model(init, "--init")[0])
+    if files is None:
+        raise ValueError(f"--init {init} is not a quick-start run (no sample.json beside it)")
+    args = cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
+    trainer.main(args, ShapesDataset(args.image_size, outline=OUTLINE),
+                 dict(text_encoder=files["text_encoder"], tokenizer=files["tokenizer"], vae=files["vae"]),
+                 sigma.SigmaConfig(**DIT))
     print(f"score it: python quickstart.py score {args.init} --lora {args.out}  (or look: python sample.py --model "
           f"{args.init} --lora {args.out}:0.5 \"a red circle on a blue background\")")
 
@@ -316,14 +354,15 @@ def evaluate(argv=None):
         raise ValueError(f"no such run {args.run!r}: `python quickstart.py train` writes runs/quickstart")
     path, name, _ = hub.resolve_model(args.run, "quickstart.py score")
     files = hub.run_settings(path)
-    if files is None or not files["pixel_scale"]:
-        raise ValueError(f"{args.run} is not a quick-start run (no pixel-space sample.json beside it)")
+    if files is None:
+        raise ValueError(f"{args.run} is not a quick-start run (no sample.json beside it)")
     model = hub.load_model(path, name, None).eval()
     text, tok = weights.load_t5(files["text_encoder"], dtype=torch.float32), Tokenizer(files["tokenizer"])
-    H = model.config.sample_size
-    run = lambda prompts, n, seed, dit=model: sample.generate(prompts, dit, text, tok, None, size=(H, H), n=n, seed=seed,
+    vae = weights.load_vae(files["vae"])
+    H = model.config.sample_size * vae.factor
+    run = lambda prompts, n, seed, dit=model: sample.generate(prompts, dit, text, tok, vae, size=(H, H), n=n, seed=seed,
                                                            steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                                                           binning=False, pixel_scale=files["pixel_scale"],
+                                                           binning=False, clip_x0=files["clip_x0"],
                                                            batch_size=args.batch_size)
     if args.lora:
         return evaluate_lora(args, model, run, path)

@@ -6,8 +6,8 @@ The pipeline, one model on the accelerator at a time:
   2. The DiT denoises Gaussian latents (1, 4, H/8, W/8) with classifier-free guidance, DPM-Solver++(2M)
      in 20 steps or IDDPM ancestral in ~100 (sigma.py, diffusion.py).
   3. The SDXL VAE decodes the latents, tiled above 2048² (vae.py).
-A train.py run folder's sample.json names the components it trained with; a pixel-space run (the quick start,
-`python quickstart.py train`) has no VAE: the DiT denoises the image itself (1, 3, H, W) × pixel_scale, x̂0 clipped.
+A train.py run folder's sample.json names the components it trained with (T5, tokenizer, VAE: any VAE, such as the
+quick start's, whose config gives its pixels per latent) and the x̂0 clipping it samples with (train.py --clip-x0).
 Sizes (sizes.py): as diffusers' pipeline does, W×H moves to the nearest trained aspect-ratio bucket and the
 image is resized and center-cropped back; far above the training size (4096² from the 2K model) the DiT
 runs on the larger grid through position-embedding interpolation; what a size costs (tokens, memory, time) is
@@ -46,59 +46,64 @@ import weights
 from tokenizer import Tokenizer
 
 
-def _take(component):
-    """A loaded module (or None) is used where it lives; a loader function is called now (and its result freed later)."""
-    return (component, False) if component is None or isinstance(component, torch.nn.Module) else (component(), True)
-
-
-def _release_memory():
+def release_memory():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 @torch.no_grad()
-def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), steps=20, cfg=4.5, seed=0,
-             n=1, sampler="dpm", binning=True, progress=True, pixel_scale=None, batch_size=1, output_type="pil"):
-    """prompts (list of str) -> n PIL images per prompt (prompt-major; output_type="np": float (H, W, 3)
-    arrays in [0, 1] as diffusers' pipelines name it); image k uses seed + k.
-    batch_size: images per DiT forward (with CFG, twice as many rows); an image is the same in any batch.
+def encode_prompts(t5, tokenizer, prompts, negative=""):
+    """prompts (list of str) and the negative prompt -> their T5 features and masks: (P, L, D), (P, L), (1, L, D),
+    (1, L). diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing); done
+    here too, so the same prompt gives the same image in both."""
+    y, mask = t5lib.encode(t5, tokenizer, [p.lower().strip() for p in prompts])  # (P, L, D), (P, L)
+    return (y, mask, *t5lib.encode(t5, tokenizer, [negative.lower().strip()]))
 
-    model, t5, vae: loaded modules (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL), used on their own
-    device and dtype, or functions returning one, called in the order T5, DiT, VAE; a T5 loaded that way
-    is freed before the DiT runs. tokenizer: a tokenizer.Tokenizer. size: (height, width) of the images. pixel_scale: a
-    pixel-space model (the quick start): no VAE (vae=None), images × pixel_scale denoised, x̂0 clipped."""
-    height, width = size
-    # diffusers lower-cases and strips prompts (its fallback when clean_caption's packages are missing);
-    # done here too, so the same prompt gives the same image in both.
-    prompts = [p.lower().strip() for p in prompts]
-    t5, loaded = _take(t5)
-    y, mask = t5lib.encode(t5, tokenizer, prompts)  # (P, L, 4096), (P, L)
-    y_neg, mask_neg = t5lib.encode(t5, tokenizer, [negative.lower().strip()])  # (1, L, 4096), (1, L)
-    if loaded:  # T5-XXL (9.5 GB in bf16) leaves before the DiT arrives
-        del t5
-        _release_memory()
-    model, _ = _take(model)
-    weight = model.x_embedder.proj.weight
-    y, y_neg, mask, mask_neg = (a.to(weight.device) for a in (y.to(weight.dtype), y_neg.to(weight.dtype), mask, mask_neg))
-    vae, _ = _take(vae)
-    factor = 1 if pixel_scale else 8  # pixels per latent
-    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
-    images, total, shape = [], len(prompts) * n, (1, model.config.in_channels, gen_h // factor, gen_w // factor)
+
+@torch.no_grad()
+def sample_latents(model, captions, latent_size, *, n=1, seed=0, steps=20, cfg=4.5, sampler="dpm", clip_x0=None,
+                   batch_size=1, progress=True):
+    """captions: encode_prompts' (y, mask, y_neg, mask_neg) -> latents (P·n, C, h, w) of latent_size (h, w), on the
+    model's device, in its dtype. Image k: prompt k // n, noise from seed + k drawn alone on the CPU, so an image is the
+    same in any batch. batch_size: images per DiT forward (with CFG, twice as many rows)."""
+    weight, (y, mask, y_neg, mask_neg) = model.x_embedder.proj.weight, captions
+    y, y_neg, mask, mask_neg = y.to(weight), y_neg.to(weight), mask.to(weight.device), mask_neg.to(weight.device)
+    latents, total, shape = [], len(y) * n, (1, model.config.in_channels, *latent_size)
     for start in range(0, total, batch_size):
         ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(weight.device)  # (B, C, h, w)
-        p = [k // n for k in ks]  # with CFG one forward of B null + B captions; pixels: x̂0 clipped to their range
-        x = diffusion.sample(model, x, y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg, clip_x0=pixel_scale,
-                             generator=gens, progress=progress)  # (B, C, h, w)
-        for z in x.split(1):  # one by one: the VAE's memory does not grow with the batch
-            # (1, 3, gen_h, gen_w) in [-1, 1]; pixel space: the DiT denoised the image × pixel_scale itself
-            image = z.float() / pixel_scale if pixel_scale else vae.decode(z.to(vae.post_quant_conv.weight)).float()
-            image = sizes.resize_and_crop(image, height, width)  # (1, 3, height, width)
-            pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
-            images.append(pixels if output_type == "np" else Image.fromarray((pixels * 255).round().astype(np.uint8)))
+        p = [k // n for k in ks]  # with CFG one forward of B null + B captions
+        latents.append(diffusion.sample(model, x, y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg, clip_x0=clip_x0,
+                                        generator=gens, progress=progress))  # (B, C, h, w)
+    return torch.cat(latents)
+
+
+@torch.no_grad()
+def decode(vae, latents, size, output_type="pil"):
+    """Latents (N, C, h, w) -> N images of size (height, width): PIL images, or with output_type="np" float (H, W, 3)
+    arrays in [0, 1], as diffusers' pipelines name it. One by one: the VAE's memory does not grow with N."""
+    images = []
+    for z in latents.split(1):
+        image = vae.decode(z.float()).float()  # (1, 3, gen_h, gen_w) in about [-1, 1], computed in the VAE's dtype
+        image = sizes.resize_and_crop(image, *size)  # (1, 3, height, width)
+        pixels = (image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()  # (height, width, 3)
+        images.append(pixels if output_type == "np" else Image.fromarray((pixels * 255).round().astype(np.uint8)))
     return images
+
+
+def generate(prompts, model, t5, tokenizer, vae, *, negative="", size=(1024, 1024), binning=True, output_type="pil",
+             **sampling):
+    """prompts (list of str) -> n images per prompt (prompt-major), image k from seed + k: encode_prompts,
+    sample_latents, decode, with the three models loaded (sigma.PixArtSigma, t5.T5Encoder, vae.AutoencoderKL, each
+    used on its own device and dtype). size: (height, width) of the images; binning: the DiT runs at the nearest
+    trained aspect ratio (sizes.generation_size). sampling: sample_latents' n, seed, steps, cfg, sampler, clip_x0,
+    batch_size, progress. sample.py's run takes the same steps, loading each model only for its own."""
+    captions = encode_prompts(t5, tokenizer, prompts, negative)
+    gen_h, gen_w = sizes.generation_size(*size, model.config, binning, vae.factor)
+    latents = sample_latents(model, captions, (gen_h // vae.factor, gen_w // vae.factor), **sampling)
+    return decode(vae, latents, size, output_type)
 
 
 def save_png(image, folder, parameters, seed):
@@ -156,8 +161,9 @@ def run(args):
     local = os.path.exists(model_arg)
     path, name, repo = hub.resolve_model(model_arg) if local else (None, None, None)  # checked, not loaded yet
     files = hub.run_settings(path) if local else None  # a train.py run: its own components
-    pixel_scale = files and files["pixel_scale"]  # pixel space (the quick start): no VAE, no aspect-ratio buckets
-    height, width = sizes.parse_size(args.size, latent=not pixel_scale) if args.size else (None, None)
+    # the VAE's pixels per latent, from its config.json (nothing loads yet): 8 for the released SDXL VAE
+    vae_factor = weights.vae_factor(((hub.check_components(args.components) if args.components else files) or {}).get("vae"))
+    height, width = sizes.parse_size(args.size, vae_factor) if args.size else (None, None)
     if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
         model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if model_arg == "auto" else model_arg
         path, name, repo = hub.resolve_model(model_arg)  # from the Hugging Face cache, or downloaded
@@ -165,44 +171,54 @@ def run(args):
     t5_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # T5 overflows in float16
     model = hub.load_model(path, name, args.kv_compress)  # on the CPU first: a bad file fails before T5 loads
     model = lora.merge(model, loras).to(dtype)  # W += scale·(α/r)·B·A, in fp32; a LoRA that doesn't fit fails here
-    factor, binning = (1, False) if pixel_scale else (8, not args.no_binning)  # pixels per latent
-    trained = factor * model.config.sample_size
+    # binning needs the aspect-ratio table of the model's training size (a train.py --no-buckets run may have none)
+    binning = not args.no_binning and model.config.sample_size in sizes.BIN_TABLES
+    trained = vae_factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
-    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, factor)
+    gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, vae_factor)
     # said before anything runs: far above the training size one step can take hours, or more memory than there is
     rows = min(args.batch_size, len(prompts) * args.n) * (2 if args.cfg > 1 else 1)  # CFG: a null row per image
     weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # on the CPU: already loaded
     free = sizes.free_memory(device) - (weights_bytes if device.type == "cuda" else 0)
-    if note := sizes.check_cost(model.config, (height, width), factor, binning, rows, dtype.itemsize, free,
+    if note := sizes.check_cost(model.config, (height, width), vae_factor, binning, rows, dtype.itemsize, free,
                                 sizes.flops_per_second(device, dtype), args.steps, args.force_size):
         above = name and gen_h * gen_w > 1.1 * trained**2
         print(f"sample.py: {note}" + ("; no released checkpoint was trained at this size" + (
               "" if args.kv_compress else ", --kv-compress avgpool makes it faster") if above else ""), file=sys.stderr)
     if files is None or args.components:  # T5 and the VAE: may download them
-        files = dict(hub.resolve_components(args.components, repo, model_arg), pixel_scale=pixel_scale)
+        files = dict(hub.resolve_components(args.components, repo, model_arg), clip_x0=files and files["clip_x0"])
     tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
     for prompt in prompts + [args.negative]:  # any tokenizer: words it has no pieces for become <unk>
         if unknown := [w for w in dict.fromkeys(prompt.lower().split()) if tokenizer.special["<unk>"] in tokenizer.encode(w)]:
             print(f"sample.py: warning: the tokenizer does not know {', '.join(map(repr, unknown))} in {prompt!r}: "
                   "they become <unk>, which the model cannot read", file=sys.stderr)
     seed = random.randrange(2**31) if args.seed is None else args.seed
-    images = generate(
-        prompts, lambda: torch.compile(model.to(device)) if args.compile else model.to(device),
-        lambda: hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device),
-        tokenizer, None if pixel_scale else lambda: hub.load("VAE", files["vae"], weights.load_vae, dtype, device),
-        negative=args.negative, size=(height, width), steps=args.steps, cfg=args.cfg, seed=seed, n=args.n,
-        sampler=args.sampler, binning=binning, pixel_scale=pixel_scale, batch_size=args.batch_size)
-    for k, image in enumerate(images):
+
+    # 1. T5 encodes the prompts, then leaves: T5-XXL (9.5 GB in bf16) is gone before the DiT arrives on the device
+    t5 = hub.load("text encoder", files["text_encoder"], weights.load_t5, t5_dtype, "cpu" if args.low_memory else device)
+    captions = encode_prompts(t5, tokenizer, prompts, args.negative)
+    del t5
+    release_memory()
+    # 2. the DiT denoises; then it leaves too
+    model = model.to(device).compile_blocks() if args.compile else model.to(device)
+    latents = sample_latents(model, captions, (gen_h // vae_factor, gen_w // vae_factor), n=args.n, seed=seed,
+                             steps=args.steps, cfg=args.cfg, sampler=args.sampler, clip_x0=files["clip_x0"],
+                             batch_size=args.batch_size)
+    del model
+    release_memory()
+    # 3. the VAE decodes, image by image
+    vae = hub.load("VAE", files["vae"], weights.load_vae, dtype, device)
+    for k, image in enumerate(decode(vae, latents, (height, width))):
         parameters = (f"{prompts[k // args.n]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, Sampler: "
                       f"{args.sampler}, CFG scale: {args.cfg}, Seed: {seed + k}, Size: {width}x{height}, Model: {name or path}"
                       f"{lora.describe(loras)}")
-        path = save_png(image, args.out, parameters, seed + k)
+        png = save_png(image, args.out, parameters, seed + k)
         if max(image.size) < 128:  # a 16 px quick-start image is a dot in a viewer: a copy ×16 beside it, in enlarged/
             os.makedirs(os.path.join(args.out, "enlarged"), exist_ok=True)
-            copy = os.path.join(args.out, "enlarged", os.path.basename(path))
+            copy = os.path.join(args.out, "enlarged", os.path.basename(png))
             enlarged(image, 256).save(copy)
-            path += f" (enlarged: {copy})"
-        print(path)
+            png += f" (enlarged: {copy})"
+        print(png)
 
 
 if __name__ == "__main__":

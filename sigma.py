@@ -265,6 +265,14 @@ class PixArtSigma(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)  # zero: the model starts by predicting 0
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self, **kwargs):
+        """Regional compilation (--compile): torch.compile(**kwargs) each block in place, so the keys stay (no
+        `_orig_mod.`). The blocks share one forward: built once (and once for KV blocks), not 28 unrolled. A new
+        image size or caption length recompiles once, with dynamic shapes; later ones and the steps reuse it."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+        return self
+
     def pos_embed(self, h, w, device, dtype):
         key = (h, w, device, dtype)
         if key not in self._pos_cache:
@@ -283,13 +291,8 @@ class PixArtSigma(nn.Module):
         """Everything before the blocks: image tokens, t (N, D) for the final layer, t0 (N, 6D), caption tokens."""
         (x, hw), N, dtype = self.tokens(x), x.shape[0], self.x_embedder.proj.weight.dtype  # (N, T, D)
         t = self.t_embedder(t.expand(N) if t.dim() == 0 else t)  # (N, D)
-        mask = mask.bool()
-        if not torch.compiler.is_compiling() and mask.any():
-            # Drop the padding columns that no sample uses (exact; the official code drops padded tokens
-            # too): the caption MLP and 28 kv projections then run on the longest prompt, not on 300 tokens.
-            L = int(mask.any(0).nonzero().max()) + 1
-            y, mask = y[:, :L].contiguous(), mask[:, :L]
-        return x, t, self.t_block(t), self.y_embedder(y.to(dtype)), mask[:, None, None, :], hw  # mask (N, 1, 1, L)
+        y = self.y_embedder(y.to(dtype))  # (N, L, D); callers cut the padding first (diffusion.drop_padding)
+        return x, t, self.t_block(t), y, mask.bool()[:, None, None, :], hw  # mask (N, 1, 1, L): True = attend
 
     def run(self, block, *args):  # a block (or a ControlNet copy), through gradient checkpointing when training with it
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()

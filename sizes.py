@@ -51,17 +51,19 @@ def nearest_bucket(height, width, table):
     return min(table, key=lambda ratio: abs(float(ratio) - height / width))
 
 
-def parse_size(text, latent=True):
-    """'1024' | '2K' | 'WxH' -> (height, width), checked before any weight is loaded. latent=False: a pixel-space
-    model (the quick start), which has no VAE and so no multiple-of-8 rule (generation rounds up to whole patches)."""
+def parse_size(text, vae_factor=8):
+    """'1024' | '2K' | 'WxH' -> (height, width), checked before any weight is loaded: whole latents of the VAE's
+    vae_factor x vae_factor pixels (8 for SD's and SDXL's, as diffusers' pipeline requires; generation rounds up to
+    whole patches)."""
     m = re.fullmatch(r"(\d+)(?:[x*](\d+))?", {"1K": "1024", "2K": "2048", "4K": "4096"}.get(text.upper(), text))
     if not m:
         raise ValueError(f"--size must be 1024, 2048, 4096, 1K, 2K, 4K (square) or WxH (e.g. 1344x768), got {text!r}")
     width, height = int(m[1]), int(m[2] or m[1])
-    if latent and (width % 8 or height % 8):  # as diffusers' pipeline requires: the VAE maps 8x8 pixels to 1 latent
-        raise ValueError(f"--size must be a multiple of 8 on both sides (the VAE turns 8x8 pixels into one latent), "
-                         f"got {width}x{height}; e.g. {8 * max(2, round(width / 8))}x{8 * max(2, round(height / 8))}")
-    if min(width, height) < 16 or width * height > MAX_AREA:  # 16: the quick-start pixel-space model's size
+    f = vae_factor
+    if width % f or height % f:
+        raise ValueError(f"--size must be a multiple of {f} on both sides (the VAE turns {f}x{f} pixels into one latent), "
+                         f"got {width}x{height}; e.g. {f * max(2, round(width / f))}x{f * max(2, round(height / f))}")
+    if min(width, height) < 16 or width * height > MAX_AREA:  # 16: the smallest model trained here (the quick start)
         raise ValueError(f"--size {width}x{height} is out of range: sides from 16 px, at most 4096x4096 pixels in all")
     return height, width
 
@@ -74,8 +76,8 @@ def grid_step(config, factor):
 def generation_size(height, width, config, binning=True, factor=8):
     """The (height, width) the DiT runs at for a requested size: the nearest bucket of the model's table
     (scaled up to the requested area far above the training size), or with binning=False the size itself,
-    each rounded up to whole patches (and KV-compression blocks) of `factor` pixels per latent (8: the VAE's,
-    1: pixel space); resize_and_crop brings it back."""
+    each rounded up to whole patches (and KV-compression blocks) of `factor` pixels per latent (the VAE's: 8 for
+    SD's and SDXL's); resize_and_crop brings it back."""
     step = grid_step(config, factor)
     if binning:
         if config.sample_size not in BIN_TABLES:

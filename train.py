@@ -28,7 +28,6 @@ Weak-to-strong stages (each one command; add --data/--out/--cache as above):
 import contextlib
 import copy
 import datetime
-import functools
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,46 +60,44 @@ from tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- training
-def main(argv=None, dataset=None, components=None, config=None, defaults=None):
-    """Train from command-line flags. A caller that brings its own world (the quick start, an experiment) passes
-    dataset: a Dataset of dict(index, image, captions) or dict(index, latent, y) items with a .buckets list, or a
-    function of the parsed args returning one (instead of --data); components: dict(text_encoder, tokenizer, vae)
-    paths (vae None: pixel space), or a function of the args creating them (instead of --components); config: the
-    SigmaConfig of --init scratch; defaults: flag defaults of its own (shown by --help, explicit flags win)."""
-    args = cli.parse_train_args(argv, defaults, need_data=dataset is None, doc=__doc__)
-    cli.check_train_args(args, sys.argv[1:] if argv is None else argv, own_components=components is not None)
-
-    # Setup DDP: torchrun's ranks (or one process); --out's latest checkpoint, continued only with --resume
+def main(args, dataset=None, components=None, config=None):
+    """Train from parsed and checked flags (cli.parse_train_args). A caller that brings its own world (the quick start,
+    an experiment) passes dataset: a Dataset of dict(index, image, captions) or dict(index, latent, y) items with a
+    .buckets list (instead of --data); components: dict(text_encoder, tokenizer, vae) of local paths (instead of
+    --components); config: the SigmaConfig of --init scratch."""
+    # Setup DDP: torchrun's ranks (or one process); the VAE's latent space; --out's latest checkpoint
     rank, world, device = setup_ddp(args.device, args.ddp_timeout)
     torch.manual_seed(args.seed + rank)  # per-rank seed; the loss noise comes from the per-micro-batch generator
     master = rank == 0
-    resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet
-    checkpoints.check_resume(args, resume, master)
+    # the VAE's latent space, read from its config.json (nothing loads yet): pixels per latent, 8 for SD's and SDXL's
+    vae_factor = weights.vae_factor(cli.run_vae(args, components))
+    cli.check_image_size(args.image_size, vae_factor)
+    resume = weights.latest_checkpoint(args.out)  # None: nothing saved in --out yet (checked against the flags by cli)
 
     # Data: images (--data) or the caller's dataset, every image and caption checked before a model is built
     caption_keys, caption_weights = data.caption_keys(args.caption_keys)
     table = {"1.0": (args.image_size, args.image_size)} if args.no_buckets else sizes.bucket_table(args.image_size)
     dataset, records, skipped = load_data(args, dataset, table, caption_keys, rank, world)
-    components = setup_run_folder(args, components, master, world)
+    setup_run_folder(args, components, master)
 
     # Create model: --init (the weak-to-strong stages: build_model), or the run's own on --resume; LoRA adapters
-    model = create_model(args, resume, device, config)
+    model = create_model(args, resume, device, config, vae_factor)
 
     # Encoders: T5 and the VAE (or the feature cache that replaces them), the null caption T5(""), preview prompts
     tokens = model.config.caption_tokens
-    resolve = lambda: components or hub.resolve_components(args.components)  # called only when T5 or the VAE loads
     if args.cache:  # encoded once: training loads neither T5 nor the VAE
         encoders = None
-        dataset, null = feature_cache(args, records, table, tokens, resolve, device, rank, world)
+        dataset, null = feature_cache(args, records, table, tokens, components, device, rank, world)
         skipped += dataset.skipped
     else:
-        encoders = load_encoders(args, tokens, device, resolve())
+        encoders = load_encoders(args, tokens, device, components)
         null = Caption(*(v[0].cpu() for v in encoders.captions([""])))
     # caption dropout uses T5(""): the same null caption as diffusers' sampling pipeline uses for CFG
     model.y_embedder.y_embedding.copy_(null.y.to(model.y_embedder.y_embedding))
     null = Caption(null.y.to(device), null.mask.to(device))
     if args.preview_every:  # the preview prompts encoded now: T5 need not stay in memory
-        draw_preview = preview_drawer(args, model, encoders or load_encoders(args, tokens, device, resolve()), null)
+        preview_encoders = encoders or load_encoders(args, tokens, device, components)
+        preview_captions = Caption(*preview_encoders.captions(args.preview_prompts.split("|")))
 
     # Create optimizer: CAME as the official configs (or AdamW), lr × √(global batch / 256) (official 'sqrt' auto-lr)
     global_batch = args.batch_size * world * args.grad_accum
@@ -110,8 +107,9 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
     # Resume: the optimizer, EMA and step of the latest checkpoint (its model is loaded above)
     step = checkpoints.load_state(resume, opt, ema, device, global_batch, master) if resume else 0
+    if args.compile:  # regional: each block compiled in place, so checkpoints of `model` keep their keys
+        model.compile_blocks()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net  # checkpoints save `model`: no _orig_mod. prefixes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # Train: one optimizer step per iteration; log every --log-every steps, save (and preview) every --save-every. A
@@ -143,7 +141,8 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
                 path = checkpoints.save(args, step, model, ema, opt, dict(global_batch=global_batch, epoch=result.epoch,
                                         micro_batch=step * args.grad_accum), rank, world, device)
                 if master and args.preview_every and not signum and (step % args.preview_every == 0 or step == args.steps):
-                    draw_preview(ema or model, path=os.path.join(path, "preview.png"))
+                    preview(ema or model, preview_captions, null, preview_encoders.vae, os.path.join(path, "preview.png"),
+                            args.preview_prompts.split("|"), args.preview_sampler, clip_x0=args.clip_x0)
             if signum:  # saved: stop with the shell's status for that signal (a scheduler may requeue the job)
                 checkpoints.stop(f"{signal.Signals(signum).name}: stopped after step {step}, saved in {path}; continue "
                                  "with --resume" if master else None, 128 + signum)
@@ -161,7 +160,7 @@ def main(argv=None, dataset=None, components=None, config=None, defaults=None):
 
 class MicroBatch(NamedTuple):
     """One micro-batch of this rank, ready for the loss."""
-    x0: torch.Tensor     # (n, C, h, w) clean latents (pixel space: the images × --pixel-scale)
+    x0: torch.Tensor     # (n, C, h, w) clean latents, scaled (the VAE's encode)
     t: torch.Tensor      # (n,) timesteps
     noise: torch.Tensor  # (n, C, h, w) ε
     y: torch.Tensor      # (n, L, D) caption features, T5("") where the caption was dropped
@@ -188,8 +187,9 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
         batch = next(batches)
         sync = net.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
         with sync:
+            y, mask = diffusion.drop_padding(batch.y, batch.mask)  # (n, L', D): outside the (compiled) model
             with autocast:
-                out = diffusion.training_losses(net, batch.x0, batch.t, batch.y, batch.mask, batch.noise)
+                out = diffusion.training_losses(net, batch.x0, batch.t, y, mask, batch.noise)
             (out["loss"].mean() / args.grad_accum).backward()
         sums = sums + torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum(),
                                    out["loss"].new_tensor(len(batch.t))]).detach()
@@ -248,30 +248,21 @@ def log_step(log, bar, step, result, lr, images_per_s, counts):
         log.flush()
 
 
-def preview_drawer(args, model, encoders, null):
-    """The preview prompts encoded now -> preview() of a model and a path, with everything else fixed."""
-    y, mask = encoders.captions(args.preview_prompts.split("|"))
-    return functools.partial(preview, y=y, mask=mask, y_null=null.y, m_null=null.mask, decode=encoders.decode,
-                             prompts=args.preview_prompts.split("|"),
-                             hw=(model.config.sample_size,) * 2, sampler=args.preview_sampler,
-                             pixels=args.vae_factor == 1 and args.pixel_scale)
-
-
 @torch.no_grad()
-def preview(model, y, mask, y_null, m_null, decode, hw, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0,
-            pixels=0):
-    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and DPM-Solver++(2M) in 20 steps as sample.py
-    runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a young model's early mistakes). Image k
-    (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise drawn alone from seed + k."""
+def preview(model, captions, null, vae, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, clip_x0=None):
+    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and
+    DPM-Solver++(2M) in 20 steps as sample.py runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a
+    young model's early mistakes). Image k (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise
+    drawn alone from seed + k. captions: the prompts' Caption; null: T5("")'s."""
     model.eval()
-    images = []
-    for p in range(len(y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
+    images, shape = [], (1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    for p in range(len(captions.y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
         gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
-        x = torch.cat([torch.randn((1, model.config.in_channels, *hw), generator=g) for g in gens]).to(y.device)  # (n, C, h, w)
-        x = diffusion.sample(model, x, y[p:p + 1].expand(per_prompt, -1, -1), mask[p:p + 1].expand(per_prompt, -1),
-                             y_null, m_null, sampler, 20 if sampler == "dpm" else 100, cfg, clip_x0=pixels, generator=gens,
-                             progress=False)
-        rgb = ((decode(x).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(captions.y.device)  # (n, C, h, w)
+        x = diffusion.sample(model, x, captions.y[p:p + 1].expand(per_prompt, -1, -1), captions.mask[p:p + 1].expand(
+                             per_prompt, -1), null.y, null.mask, sampler, 20 if sampler == "dpm" else 100, cfg,
+                             clip_x0=clip_x0, generator=gens, progress=False)
+        rgb = ((vae.decode(x).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         images += [Image.fromarray(image) for image in rgb]
     model.train()
     sample.save_grid(images, prompts, path)  # small images enlarged
@@ -293,47 +284,34 @@ def setup_ddp(device, timeout):
 
 
 def load_data(args, dataset, table, caption_keys, rank, world):
-    """--data's images, scanned (every image and caption checked), or the caller's dataset (a function of the args:
-    called now) -> (dataset, --data's records or None, images skipped). A batch no bucket fills is refused now."""
+    """--data's images, scanned (every image and caption checked), or the caller's dataset -> (dataset, --data's
+    records or None, images skipped). A batch no bucket fills is refused now."""
     records, skipped = None, 0
     if dataset is None:
         records, skipped = data.scan(args.data, caption_keys)
         dataset = data.ImageDataset(records, table)
-    elif callable(dataset):
-        dataset = dataset(args)
-    if args.cache and records is None:
-        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
     data.BucketSampler(dataset.buckets, args.batch_size, rank, world, args.seed)  # refuses a batch no bucket fills
     return dataset, records, skipped
 
 
-def setup_run_folder(args, components, master, world):
-    """--out, said and created, with a caller's components (text_encoder, tokenizer, vae paths; a function of the args:
-    rank 0 creates them, the others read them after it) recorded in its sample.json, so that `sample.py --model <out>`
-    needs no flags. -> the components (None: --components names them)."""
+def setup_run_folder(args, components, master):
+    """--out, said and created, with a caller's components (text_encoder, tokenizer, vae paths) and --clip-x0 recorded
+    in its sample.json, so that `sample.py --model <out>` needs no flags."""
+    os.makedirs(args.out, exist_ok=True)
     if master:
         print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
               f"({f'the last {args.keep}' if args.keep else 'all'} kept), log.jsonl; stop any time and continue with --resume")
-    os.makedirs(args.out, exist_ok=True)
-    if callable(components) and master:
-        components = components(args)  # rank 0 writes them, the others read them after the barrier
-    if world > 1:
-        dist.barrier()
-    if callable(components):
-        components = components(args)
-    if components is not None and master:  # --vae is the run's VAE
-        vae_path = args.vae or components.get("vae")
-        hub.save_run_settings(args.out, dict(components, vae=vae_path), None if vae_path else args.pixel_scale)
-    return components
+        if components is not None:  # --vae is the run's VAE
+            hub.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)
 
 
-def create_model(args, resume, device, config=None):
+def create_model(args, resume, device, config=None, vae_factor=8):
     """The model to train: --init built by build_model (every weak-to-strong stage), or on --resume the run's own
     weights; with --lora-rank, the base model frozen and adapters around its layers (they alone train and are saved)."""
     if resume and not args.lora_rank:
         model = weights.load_checkpoint(os.path.join(resume, "model.safetensors")).to(device).train()
     else:
-        model = build_model(args, device, config)
+        model = build_model(args, device, config, vae_factor)
     if args.lora_rank:
         lora.add(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets, lora.base_name(args.init))
         if resume:
@@ -342,10 +320,11 @@ def create_model(args, resume, device, config=None):
     return model
 
 
-def build_model(args, device, config=None):
+def build_model(args, device, config=None, vae_factor=8):
     """--init: 'scratch' (the released --config, or `config` when a caller such as the quick start gives one), a
-    released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint."""
-    latent = args.image_size // args.vae_factor
+    released name, an official .pth (PixArt-Σ or -α), a diffusers folder, our checkpoint. vae_factor: pixels per
+    latent of the VAE (8: SD's and SDXL's)."""
+    latent = args.image_size // vae_factor
     if args.init == "scratch":
         config, sd = config or sigma.CONFIGS[args.config], None
         config = replace(config, sample_size=latent, pe_interpolation=args.pe_interpolation or config.pe_interpolation,
@@ -361,7 +340,7 @@ def build_model(args, device, config=None):
     if latent != config.sample_size:  # stage 2: the position table is recomputed for the new grid
         # positions keep their span: pe_interpolation grows with the size (released models: size/512)
         pe = args.pe_interpolation or config.pe_interpolation * latent / config.sample_size
-        print(f"model: training size {config.sample_size * args.vae_factor} -> {args.image_size} px: "
+        print(f"model: training size {config.sample_size * vae_factor} -> {args.image_size} px: "
               f"sample_size {latent}, pe_interpolation {pe:g}")
         config = replace(config, sample_size=latent, pe_interpolation=pe)
     elif args.pe_interpolation and args.pe_interpolation != config.pe_interpolation:
@@ -375,10 +354,16 @@ def build_model(args, device, config=None):
 
 
 class Encoders(NamedTuple):
-    """What turns a batch into the DiT's inputs, and its output back into images (load_encoders)."""
-    images: Callable    # (N, 3, H, W) in [-1, 1] -> latents (N, C, H/f, W/f), scaled (pixel space: × --pixel-scale)
-    captions: Callable  # list of N prompts -> (y (N, L, D), mask (N, L))
-    decode: Callable    # latents -> (N, 3, H, W) in [-1, 1]
+    """T5, its tokenizer and the VAE: a batch -> the DiT's inputs, and its output back to images (load_encoders)."""
+    text_encoder: torch.nn.Module
+    tokenizer: Tokenizer
+    vae: torch.nn.Module
+
+    def images(self, x):  # (N, 3, H, W) in [-1, 1] -> latents (N, C, H/f, W/f), scaled: the posterior mean
+        return self.vae.encode(x).float()
+
+    def captions(self, prompts):  # N prompts -> (y (N, L, D), mask (N, L)), float32, not inference tensors
+        return tuple(v.float().clone() for v in t5.encode(self.text_encoder, self.tokenizer, prompts))
 
 
 class Caption(NamedTuple):
@@ -386,23 +371,17 @@ class Caption(NamedTuple):
     mask: torch.Tensor  # (L,) or (N, L): 1 for a real token
 
 
-def load_encoders(args, caption_tokens, device, comps):
-    """comps (text_encoder, tokenizer, vae paths; vae None = pixel space) -> Encoders (images, captions, decode)."""
+def load_encoders(args, caption_tokens, device, components=None):
+    """components (text_encoder, tokenizer, vae paths; None: --components', fetched now when not cached) -> Encoders."""
+    components = components or hub.resolve_components(args.components)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = hub.load("text encoder", comps["text_encoder"], weights.load_t5, dtype=dtype, device=device)  # damaged: one line
-    tok = hub.load("tokenizer", comps["tokenizer"], Tokenizer, max_length=caption_tokens)
-    vae_path = args.vae or comps["vae"]
-    if vae_path is None:  # pixel space: the "latent" is the image itself, times --pixel-scale
-        encode_images, decode = (lambda x: x.to(device) * args.pixel_scale), (lambda z: z / args.pixel_scale)
-    else:
-        vae = hub.load("VAE", vae_path, weights.load_vae, dtype=dtype, device=device).eval()
-        encode_images = lambda x: vae.encode(x.to(device, dtype)).float()  # posterior mean, scaled
-        decode = lambda z: vae.decode(z.to(dtype)).float()
-    encode_captions = lambda prompts: tuple(v.float().clone() for v in t5.encode(text, tok, prompts))  # not inference tensors
-    return Encoders(encode_images, encode_captions, decode)
+    text = hub.load("text encoder", components["text_encoder"], weights.load_t5, dtype=dtype, device=device)
+    tok = hub.load("tokenizer", components["tokenizer"], Tokenizer, max_length=caption_tokens)
+    vae = hub.load("VAE", cli.run_vae(args, components), weights.load_vae, dtype=dtype, device=device)
+    return Encoders(text, tok, vae)
 
 
-def feature_cache(args, records, table, caption_tokens, resolve_components, device, rank, world):
+def feature_cache(args, records, table, caption_tokens, components, device, rank, world):
     """--cache: --data's VAE latents and T5 features and the null caption T5(""), encoded now (every rank a share) where
     the cache lacks them for these images, captions, components, buckets and caption length, or holds them damaged
     (data.cache_problems; said in one line) -> (data.CachedDataset, the null caption). Training then needs neither T5
@@ -416,7 +395,7 @@ def feature_cache(args, records, table, caption_tokens, resolve_components, devi
         if rank == 0:
             print(f"cache {args.cache}: encoding {len(problems)} files: " + "; ".join(
                   f"{name} {why}" for name, why in list(problems.items())[:3]) + " ..." * (len(problems) > 3))
-        encoders = load_encoders(args, caption_tokens, device, resolve_components())
+        encoders = load_encoders(args, caption_tokens, device, components)
         data.build_cache(args.cache, records, table, fp, encoders.images, encoders.captions, problems, rank, world)
         del encoders  # free T5 and the VAE before training
         if world > 1:
@@ -440,7 +419,7 @@ def create_optimizer(args, model, lr):
 
 if __name__ == "__main__":
     try:
-        main()
+        main(cli.parse_train_args(doc=__doc__))
     except (ValueError, FileNotFoundError) as e:  # bad flags, data or weights: the message, not a traceback
         raise SystemExit(f"train.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began (once it has, the step under way is saved first)

@@ -48,6 +48,10 @@ class VAEConfig:
     tile_overlap: float = 0.25       # stride = tile·(1 - overlap), blend ramp = tile·overlap
     tile_above: int = 2048 * 2048    # tiled=None tiles images with more pixels than this
 
+    @property
+    def factor(self):  # pixels per latent per side: 2x downsampling between levels (8 with 4 levels)
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 SDXL = VAEConfig()
 SD = VAEConfig(scaling_factor=0.18215, force_upcast=False)  # SD 1.x (PixArt-α's VAE), fine in fp16
@@ -187,7 +191,7 @@ class AutoencoderKL(nn.Module):
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-        self.factor = 2 ** (len(config.block_out_channels) - 1)  # pixels per latent per side
+        self.factor = config.factor  # pixels per latent per side
 
     @property
     def scaling_factor(self):

@@ -44,8 +44,9 @@ from tokenizer import Tokenizer
 VAES = dict(weak=dict(block_out_channels=(8, 16), steps=300), strong=dict(block_out_channels=(16, 32), steps=500))
 DIT = dict(quickstart.DIT, depth=4, in_channels=4, out_channels=8)  # 4 blocks as measured (the quick start has 3 now);
 # 4 latent channels in, ε + v out
-# the stages' train.py flag defaults: the quick start's (AdamW, lr 1e-3, warmup 100) with a shorter EMA, no previews
-DEFAULTS = dict(quickstart.DEFAULTS, vae_factor=2, ema=0.99, preview_every=0, save_every=10**9, keep=1, log_every=100)
+# the stages' train.py flag defaults: the quick start's (AdamW, lr 1e-3, warmup 100) with a shorter EMA, no previews,
+# and no x̂0 clipping by sample.py (the judge clips to its VAE's latent range itself)
+DEFAULTS = dict(quickstart.DEFAULTS, clip_x0=None, ema=0.99, preview_every=0, save_every=10**9, keep=1, log_every=100)
 STEPS = dict(scratch=(50, 100, 200, 400, 700, 1000), adapt=(0, 25, 50, 100, 150, 200, 300),
              kv=(0, 25, 50, 100), seeds=8, weak=1000, vae=1.0)  # where each curve is judged (--fast: FAST)
 FAST = dict(scratch=(200,), adapt=(0, 200), kv=(0,), seeds=4, weak=800, vae=0.5)
@@ -122,15 +123,16 @@ def run_curve(out, points, judge, vae, argv, comps, size):
     """One curve: train.main on the shapes up to each step of `points` in turn (--resume: the very same run,
     continued), judging its EMA weights at each; step 0: the --init model as train.main builds it for this
     setting (new VAE, size or KV layers), before any step. -> [dict(step, score, ...)]."""
-    world = dict(dataset=ShapesDataset(size), components=comps, config=sigma.SigmaConfig(**DIT),
-                 defaults=dict(DEFAULTS, image_size=size))
+    flags = lambda *more: cli.parse_train_args([*argv, *more], dict(DEFAULTS, image_size=size), need_data=False,
+                                               own_components=True)
     curve = []
     for step in points:
         if step:
-            train.main([*argv, "--out", out, "--steps", str(step), "--resume"], **world)
+            train.main(flags("--out", out, "--steps", str(step), "--resume"), ShapesDataset(size), comps,
+                       sigma.SigmaConfig(**DIT))
             model = weights.load_checkpoint(os.path.join(weights.latest_checkpoint(out), "ema.safetensors"))
         else:
-            model = train.build_model(cli.parse_train_args(argv, world["defaults"], need_data=False), torch.device("cpu"))
+            model = train.build_model(flags(), torch.device("cpu"), vae_factor=weights.vae_factor(vae))
         curve.append(dict(step=step, **judge(model, vae)))
         print(f"weak-to-strong: {out} at step {step}: score {curve[-1]['score']:.1f} "
               f"(shape {curve[-1]['shape']:.0%}, colours {curve[-1]['color']:.0%})", flush=True)

@@ -508,10 +508,10 @@ def read_vae_config(path):
     return vaelib.VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
 
 
-def load_vae(path, dtype=torch.float32, device="cpu", config=None):
-    """A diffusers vae/ folder (or the pipeline folder above it), one weights file of it, or a single-file
-    LDM VAE (sdxl_vae.safetensors). config: from config.json beside the weights, else SDXL (SD 1.x single
-    files: pass config=vae.SD). Returns the frozen model in eval mode; channels_last on CPU (faster there)."""
+def find_vae(path, config=None):
+    """A diffusers vae/ folder (or the pipeline folder above it), one weights file of it, or a single-file LDM VAE
+    -> (its weights file, its VAEConfig: config.json beside the weights, else `config`, else SDXL's). Reads no weights:
+    callers learn the latent space (`config.factor`, pixels per latent) before anything loads."""
     path = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
     file = next((os.path.join(path, f) for f in VAE_WEIGHTS if os.path.isfile(os.path.join(path, f))), None) \
         if os.path.isdir(path) else path
@@ -519,7 +519,20 @@ def load_vae(path, dtype=torch.float32, device="cpu", config=None):
         raise FileNotFoundError(f"no VAE weights at {path}: give a diffusers vae/ folder (with one of {VAE_WEIGHTS}) "
                                 "or a .safetensors file")
     beside = os.path.join(os.path.dirname(file), "config.json")
-    config = config or (read_vae_config(beside) if os.path.isfile(beside) else vaelib.SDXL)
+    return file, config or (read_vae_config(beside) if os.path.isfile(beside) else vaelib.SDXL)
+
+
+def vae_factor(path):
+    """Pixels per latent per side of the VAE at `path`, from its config (no weights read); None: the released
+    components' SDXL VAE, not fetched yet (8)."""
+    return (find_vae(path)[1] if path else vaelib.SDXL).factor
+
+
+def load_vae(path, dtype=torch.float32, device="cpu", config=None):
+    """The VAE at `path` (find_vae: a diffusers folder or file, a single-file LDM VAE). config: from config.json beside
+    the weights, else SDXL (SD 1.x single files: pass config=vae.SD). Returns the frozen model in eval mode;
+    channels_last on CPU (faster there)."""
+    file, config = find_vae(path, config)
     sd = read_safetensors(file)[0] if file.endswith(".safetensors") else read_torch(file)
     if any(re.match(r"(first_stage_model\.|vae\.)?encoder\.down\.", k) for k in sd):
         sd = vaelib.convert_ldm(sd)

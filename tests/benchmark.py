@@ -3,6 +3,7 @@
 A script, not a test:  python tests/benchmark.py [section ...]   (no section = all of them)
 Every section times ours and the reference in one run and prints the ratio ours/reference.
 """
+import copy
 import os
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import diffusion  # noqa: E402
 
 
 def timeit(fn, warmup=1, repeat=3):
@@ -56,16 +58,17 @@ def bench_dit():
         mask = torch.zeros(2, 300, device=device)
         mask[:, :40] = 1
         t_ref = timeit(lambda: ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask), repeat=3)
-        t_ours = timeit(lambda: ours(x, t, y, mask), repeat=3)
+        y_cut, mask_cut = diffusion.drop_padding(y, mask)  # as sample.py and train.py give it: the 40 used tokens
+        t_ours = timeit(lambda: ours(x, t, y_cut, mask_cut), repeat=3)
         report(f"DiT forward {side}² latent, batch 2, {str(dtype)[6:]}", t_ours, t_ref)
         if cuda:  # KV compression in the deep half (paper), and torch.compile
             kv = weights.load_checkpoint(ours.state_dict(), dataclasses.replace(config, kv_compress_layers=sigma.KV_DEEP_HALF))
             kv = kv.to(device, dtype)
-            report(f"  + KV compression blocks 14-27", timeit(lambda: kv(x, t, y, mask)), t_ref)
-            compiled = torch.compile(ours)
-            report(f"  + torch.compile", timeit(lambda: compiled(x, t, y, mask), warmup=2), t_ref)
-            compiled_kv = torch.compile(kv)
-            report(f"  + KV compression + torch.compile", timeit(lambda: compiled_kv(x, t, y, mask), warmup=2), t_ref)
+            report(f"  + KV compression blocks 14-27", timeit(lambda: kv(x, t, y_cut, mask_cut)), t_ref)
+            compiled = copy.deepcopy(ours).compile_blocks()  # sample.py --compile: each block (regional)
+            report(f"  + torch.compile", timeit(lambda: compiled(x, t, y_cut, mask_cut), warmup=2), t_ref)
+            compiled_kv = copy.deepcopy(kv).compile_blocks()
+            report(f"  + KV compression + torch.compile", timeit(lambda: compiled_kv(x, t, y_cut, mask_cut), warmup=2), t_ref)
             del kv, compiled, compiled_kv
 
 
@@ -75,7 +78,6 @@ SECTIONS["dit"] = bench_dit
 def bench_sampler():
     """Sampler overhead alone (a trivial model): 20 DPM-Solver++ steps, ours vs diffusers' scheduler loop."""
     from diffusers import DPMSolverMultistepScheduler
-    import diffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(2, 4, 128, 128, device=device)
@@ -281,7 +283,7 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
         report(name, timeit(ours(dit), warmup=warmup, repeat=repeat), t_ref)
         report("  + KV compression blocks 14-27", timeit(ours(kv), warmup=warmup, repeat=repeat), t_ref)
         if cuda:
-            compiled, compiled_kv = torch.compile(dit), torch.compile(kv)
+            compiled, compiled_kv = copy.deepcopy(dit).compile_blocks(), copy.deepcopy(kv).compile_blocks()
             report("  + torch.compile", timeit(ours(compiled), warmup=2, repeat=repeat), t_ref)
             report("  + KV compression + torch.compile", timeit(ours(compiled_kv), warmup=2, repeat=repeat), t_ref)
             del compiled, compiled_kv
@@ -291,16 +293,12 @@ def pipeline_gpu(spiece, reference_tokenizer, device="cuda", dtype=torch.bfloat1
             base = torch.cuda.memory_allocated()
             ref()  # its T5 forward is inside this window too (small next to the DiT's activations)
             peak_ref = torch.cuda.max_memory_allocated() - base + weight_bytes(ref_dit, ref_vae)
-            start = []
-
-            def dit_after_t5():  # generate calls this once T5 is done: from here on, the DiT + VAE phase
-                torch.cuda.reset_peak_memory_stats()
-                start.append(torch.cuda.memory_allocated())
-                return dit
-
-            sample.generate([prompt], dit_after_t5, text_encoder, tokenizer, vae, size=(side, side), binning=False,
-                            progress=False)
-            peak = torch.cuda.max_memory_allocated() - start[0] + weight_bytes(dit, vae)
+            captions = sample.encode_prompts(text_encoder, tokenizer, [prompt])
+            torch.cuda.reset_peak_memory_stats()  # T5 is done: from here on, the DiT + VAE phase
+            start = torch.cuda.memory_allocated()
+            latents = sample.sample_latents(dit, captions, (side // 8, side // 8), progress=False)
+            sample.decode(vae, latents, (side, side))
+            peak = torch.cuda.max_memory_allocated() - start + weight_bytes(dit, vae)
             print(f"{'  peak GPU memory, DiT + VAE (weights included)':<48} ours {peak / 2**30:6.2f} GiB   "
                   f"diffusers {peak_ref / 2**30:6.2f} GiB", flush=True)
         del pipe, ref_dit, dit, kv
@@ -345,7 +343,6 @@ def bench_train():
     encoding on the fly (T5-XXL + SDXL VAE, random weights) that the feature cache removes."""
     from came_pytorch import CAME as RefCAME
     from diffusers import PixArtTransformer2DModel
-    import diffusion
     import sigma
     import weights
     from came import CAME
@@ -378,7 +375,7 @@ def bench_train():
             mask[:, :60] = 1
             autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
 
-            def step(model, opt):
+            def step(model, opt, y=y, mask=mask):
                 with autocast:
                     loss = diffusion.training_losses(model, x0, t, y, mask)["loss"].mean()
                 loss.backward()
@@ -389,7 +386,7 @@ def bench_train():
             for ckpt in ([False, True] if cuda else [False]):
                 ours.gradient_checkpointing = ckpt
                 ref.enable_gradient_checkpointing() if ckpt else ref.disable_gradient_checkpointing()
-                s_ours = timeit(lambda: step(ours, o_ours))
+                s_ours = timeit(lambda: step(ours, o_ours, *diffusion.drop_padding(y, mask)))  # as train.py cuts it
                 s_ref = timeit(lambda: step(lambda *a: ref_fn(*a), o_ref))
                 label = f"train step {px}² batch {N}{' bf16' if cuda else ''}{' +grad ckpt' if ckpt else ''}"
                 report(label, s_ours, s_ref)
@@ -398,8 +395,9 @@ def bench_train():
                 print(f"{'':<48} {N / s_ours:8.1f} images/s"
                       + (f", MFU {flops / s_ours / 989e12:5.1%} of 989 TFLOP/s" if cuda else ""), flush=True)
             if cuda:
-                compiled = torch.compile(ours)
-                s_c = timeit(lambda: step(compiled, o_ours), warmup=2)
+                compiled = copy.deepcopy(ours).compile_blocks()  # train.py --compile: each block (regional)
+                s_c = timeit(lambda: step(compiled, CAME(compiled.parameters(), lr=2e-5), *diffusion.drop_padding(y, mask)),
+                             warmup=2)
                 report(f"  + torch.compile", s_c, s_ref)
             del o_ours, o_ref
         if cuda:  # on-the-fly encoding, per image, that a feature cache saves (T5-XXL bf16 + SDXL VAE encode)
@@ -433,6 +431,7 @@ opt = CAME(params, lr=2e-5) if {came} else torch.optim.AdamW(params, lr=1e-4)
 x0, t, y = torch.randn(2, 4, 32, 32), torch.randint(0, 1000, (2,)), torch.randn(2, 300, 4096)
 mask = torch.zeros(2, 300)
 mask[:, :60] = 1
+y, mask = diffusion.drop_padding(y, mask)  # as train.py cuts it
 def step():
     diffusion.training_losses(model, x0, t, y, mask)["loss"].mean().backward()
     opt.step()

@@ -283,7 +283,7 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, tiny, monkeypatch
         f"), so they are not saved; the last good checkpoint is {run / 'step_0000003'}: --resume it with "
         "a lower --lr (now 0.001) or --clip (now 1)")
     assert sorted(os.listdir(run)) == ["latest", "log.jsonl", "sample.json", "step_0000002", "step_0000003",
-                                       "text_encoder", "tokenizer"]
+                                       "text_encoder", "tokenizer", "vae"]
     assert latest_step(run) == 3
     monkeypatch.setattr(torch.optim.AdamW, "step", real)
     quickstart.train(fast(run, "--steps", 4, "--resume"))

@@ -55,7 +55,7 @@ def nothing_heavy(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Local paths the rows use: a real pixel-space run (tiny DiT, the quick start's T5 and tokenizer), a run with no
+    """Local paths the rows use: a real quick-start run (tiny DiT, the quick start's T5, tokenizer and pixel space), a run with no
     checkpoint yet, and files that are not what they are passed as."""
     root = tmp_path_factory.mktemp("cli")
     run = root / "run"
@@ -64,7 +64,7 @@ def files(tmp_path_factory):
     os.makedirs(run / "step_0000005")
     weights.save_checkpoint(sigma.PixArtSigma(config), str(run / "step_0000005" / "model.safetensors"))
     (run / "latest").write_text("step_0000005")
-    hub.save_run_settings(str(run), comps, pixel_scale=4.0)
+    hub.save_run_settings(str(run), comps, 4.0)
     (root / "fresh").mkdir()
     (root / "fresh" / "log.jsonl").write_text("")  # a run that has not saved yet
     (root / "empty").mkdir()
@@ -80,7 +80,7 @@ def files(tmp_path_factory):
     (root / "moved" / "step_0000001").mkdir()
     shutil.copy(run / "step_0000005" / "model.safetensors", root / "moved" / "step_0000001" / "model.safetensors")
     (root / "moved" / "latest").write_text("step_0000001")
-    json.dump(dict(text_encoder="/gone/text_encoder", tokenizer="/gone/spiece.model", vae=None, pixel_scale=4.0),
+    json.dump(dict(text_encoder="/gone/text_encoder", tokenizer="/gone/spiece.model", vae="/gone/vae", clip_x0=4.0),
               open(root / "moved" / "sample.json", "w"))
     (root / "badjson" / "step_0000001").mkdir(parents=True)
     shutil.copy(run / "step_0000005" / "model.safetensors", root / "badjson" / "step_0000001" / "model.safetensors")
@@ -177,7 +177,8 @@ def test_sample_py_fails_fast_without_network(files, capsys, monkeypatch):
 
 
 def test_sample_py_pixel_space_sizes_pass_the_checks(files, capsys):
-    """A pixel-space run takes any side from 16 px (no VAE, no multiple of 8): the checks pass and the DiT loads."""
+    """A run whose VAE has one pixel per latent (the quick start's pixel space) takes any side from 16 px (no multiple
+    of 8, the SDXL VAE's): the checks pass and the DiT loads."""
     with pytest.raises(Reached, match="a DiT built"):
         sample.main(["a cat", "--model", str(files / "run"), "--size", "20x18"])
 
@@ -267,7 +268,7 @@ def test_ctrl_c_stops_sampling_at_once(files):
 def run_train(capsys, argv, quick=False):
     """train.py's or quickstart.py's __main__, in-process: main(), its error turned into the exit status."""
     try:
-        quickstart.main(["train", *argv]) if quick else train.main(argv)
+        quickstart.main(["train", *argv]) if quick else train.main(cli.parse_train_args(argv))
         return 0
     except SystemExit as e:
         if isinstance(e.code, str):
@@ -308,7 +309,7 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
     (["--preview-every", "300", "--save-every", "200"], False, "--preview-every 300: previews are drawn at checkpoints"),
     (["--image-size", "1000"], False, "--image-size 1000: must be a multiple of 16"),
     (["--image-size", "768"], False, "--image-size 768: no official bucket table"),
-    (["--pixel-scale", "2"], False, "--pixel-scale applies to pixel-space models (no VAE) only"),
+    (["--clip-x0", "0"], False, "--clip-x0 0.0: must be > 0"),
     (["--config", "512", "--init", "1024"], False, "--config applies to --init scratch only"),
     (["--config", "4K"], False, "argument --config: invalid choice: '4K'"),
     (["--components", "./missing"], False, "--components ./missing: no such folder"),
@@ -320,7 +321,6 @@ TRAIN_ROWS = [  # (argv, run by quickstart.py train?, what the line must say); {
     (["--data", "x"], True, "--data: this entry point trains on its own dataset"),
     (["--cache", "x"], True, "--cache builds from --data's images"),
     (["--components", "{root}"], True, "--components is set by this entry point"),
-    (["--vae", "{root}"], True, "--vae has no use in pixel space"),
     (["--batch-size", "0"], True, "--batch-size 0: must be >= 1"),
     (["--out", "{root}/done", "--resume", "--steps", "5"], True, "--steps 5: the run in {root}/done is already at step 5"),
     (["--out", "{root}/run", "--resume", "--steps", "9", "--image-size", "32"], True,
@@ -367,7 +367,8 @@ def test_quickstart_rows(argv, message, files, capsys, monkeypatch):
 def test_train_py_skips_and_reports_images_without_captions(files, capsys):
     """2 of 3 images have captions: the third is skipped, said and counted; then training starts (the model build)."""
     with pytest.raises(Reached, match="a DiT built"):
-        train.main(["--data", str(files / "images"), "--image-size", "256", "--batch-size", "2", "--out", str(files / "o")])
+        train.main(cli.parse_train_args(["--data", str(files / "images"), "--image-size", "256", "--batch-size", "2",
+                                         "--out", str(files / "o")]))
     out = capsys.readouterr().out
     assert "data: skipping 1 of 3 images without a caption (no or an empty same-name .txt): 2.png" in out
     assert f"run folder {files / 'o'}" in out  # where the run goes, before the work starts
@@ -389,7 +390,7 @@ def test_exit_status_in_a_real_process(cli, argv, rc, files):
 
 def test_help_reads_right(capsys):
     """No '(default: None)' after a help text that says its default, no '(default: True)' after an off switch."""
-    for main in (sample.main, train.main):
+    for main in (sample.main, cli.parse_train_args):
         with pytest.raises(SystemExit):
             main(["--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import export
+from cli import parse_train_args
 import hub
 import sample
 import train
@@ -35,9 +36,10 @@ def trained(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(["a red fox in snow", "a lighthouse on a cliff at dawn"][i % 2])
     run = root / "run"
-    train.main(["--data", str(images), "--components", comps, "--init", f"{comps}/transformer", "--image-size", "256",
-                "--no-buckets", "--batch-size", "2", "--steps", "2", "--optimizer", "adamw", "--lr", "1e-3",
-                "--no-lr-scaling", "--warmup", "1", "--ema", "0.5", "--workers", "0", "--out", str(run)])
+    train.main(parse_train_args(["--data", str(images), "--components", comps, "--init", f"{comps}/transformer",
+                                     "--image-size", "256", "--no-buckets", "--batch-size", "2", "--steps", "2",
+                                     "--optimizer", "adamw", "--lr", "1e-3", "--no-lr-scaling", "--warmup", "1",
+                                     "--ema", "0.5", "--workers", "0", "--out", str(run)]))
     torch.set_num_threads(threads)
     return comps, run
 
@@ -146,9 +148,6 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     (tmp_path / "young").mkdir()
-    pixel = tmp_path / "quickstart"  # what the quick start leaves: sample.json beside the checkpoints
-    shutil.copytree(run, pixel)
-    (pixel / "sample.json").write_text(json.dumps(dict(text_encoder=None, tokenizer=None, vae=None, pixel_scale=4.0)))
     dangling = tmp_path / "dangling"  # 'latest' names a step folder that was deleted
     dangling.mkdir()
     (dangling / "latest").write_text("step_0000009")
@@ -159,7 +158,6 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
                           ((tmp_path / "young", tmp_path / "o"), "has no checkpoint yet"),
                           ((dangling, tmp_path / "o"), "holds no model.safetensors"),
                           ((run, tmp_path / "full"), "exists and is not empty"),
-                          ((pixel, tmp_path / "o"), "is a pixel-space run"),
                           ((bare, tmp_path / "o"), "does not record the run's components"),
                           ((run, tmp_path / "o", "--components", tmp_path / "nowhere"), "pass --components FOLDER")]:
         rc, _, err = cli(capsys, *args)
@@ -180,9 +178,9 @@ def test_a_lora_run_exports_merged(trained, tmp_path, capsys, one_thread):
     DiT), the adapter files beside it in lora/; diffusers draws what sample.py draws from the LoRA run itself."""
     comps, run = trained
     lora_run = tmp_path / "lora_run"
-    train.main(["--data", str(run.parent / "images"), "--components", comps, "--init", str(run), "--image-size", "256",
-                "--no-buckets", "--batch-size", "2", "--steps", "2", "--lora-rank", "2", "--lr", "1e-1", "--workers", "0",
-                "--out", str(lora_run)])
+    train.main(parse_train_args(["--data", str(run.parent / "images"), "--components", comps, "--init", str(run),
+                                     "--image-size", "256", "--no-buckets", "--batch-size", "2", "--steps", "2",
+                                     "--lora-rank", "2", "--lr", "1e-1", "--workers", "0", "--out", str(lora_run)]))
     out = tmp_path / "exported"
     rc, _, err = cli(capsys, lora_run, out)
     assert rc == 0, err

@@ -20,6 +20,8 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
     # the correctness rows: each judged against the reference in this very run
     goals = [r["goal"] for r in report["rows"] if r["section"] in ("dit", "kv", "pipeline", "lora", "ddp")]
     assert len(goals) == 8 and all(g.endswith(": ok") for g in goals), goals
+    compiled = [r for r in report["rows"] if r["what"].startswith("compiled vs fp32")]  # regional compile = eager
+    assert len(compiled) == 1 and compiled[0]["goal"].endswith(": ok"), compiled
     # the table comes last, and the log holds everything printed
     assert res.stdout.rstrip().splitlines()[-1].startswith("ratio: reference time / ours")
     assert "sigma GPU check: " in open(tmp_path / "gpu_check.log").read()
@@ -47,4 +49,20 @@ def test_without_diffusers_ours_is_timed_alone(tmp_path):
     assert "diffusers NOT INSTALLED (ours alone)" in res.stdout
     assert report["sections"]["dit"]["status"] == "skipped: diffusers not installed"
     forward = [r for r in report["rows"] if r["section"] == "forward"]
-    assert len(forward) == 2 and all(r["ref"] is None and r["ours"] > 0 for r in forward)
+    assert len(forward) == 3 and all(r["ref"] is None and r["ours"] > 0 for r in forward)  # ours, all 300 tokens, KV
+
+
+def test_kernel_kinds_of_real_cuda_kernel_names():
+    """The profile's split by kind, on kernel names the CUDA profiler prints (cuBLAS/cuDNN/flash/efficient attention,
+    elementwise, inductor's fused Triton kernels): the efficient-attention kernel says "cutlass" too, and is attention."""
+    import gpu_check
+    names = {"fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72>>": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+             "nvjet_tst_192x192_64x3_1x2_h_bz_coopA_TNN": "matmul",
+             "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>": "matmul",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "other",
+             "triton_poi_fused_add_mul_native_layer_norm_0": "other"}
+    assert {name: gpu_check.kernel_kind(name) for name in names} == names

@@ -116,7 +116,8 @@ def test_conversions_are_inverse_and_fused_equals_split():
     A, B = (peft[f"base_model.model.transformer_blocks.0.attn1.to_k.lora_{n}.weight"] for n in "AB")
     with torch.no_grad():
         k_rows = (layer(x) - layer.base(x))[:, 64:128]
-    torch.testing.assert_close(k_rows, 5 / 3 * x @ A.T @ B.T)
+    want = 5 / 3 * x @ A.T @ B.T  # fp32 products in another order: 1e-5 of their magnitude
+    assert (k_rows - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------- train.py
@@ -251,7 +252,7 @@ def test_ddp_two_ranks_train_the_same_lora_as_one_process(tmp_path, base, free_p
     assert all(torch.equal(r0[k], r1[k]) for k in r0) and single["blocks.0.attn.qkv.lora_B"].abs().max() > 1e-3
     # Adam at lr 1e-2 turns the round-off of averaging 2×2 vs 1×4 gradients into ~2e-5 (measured 1.8e-5); a missing
     # all-reduce or a per-rank A differs by ~lr = 1e-2
-    assert max((r0[k] - single[k]).abs().max().item() for k in single) <= 1e-4
+    assert max((r0[k] - single[k]).abs().max().item() for k in single) <= 1e-4  # in units of lr: 1/100 of one step
 
 
 # ---------------------------------------------------------------------------------------------- sample.py

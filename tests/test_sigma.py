@@ -54,7 +54,7 @@ def test_matches_diffusers(pe_interpolation, H, W):
         out = model(x, t, y, mask)
     expected = reference_forward(ref, x, t, y, mask)
     assert out.shape == (3, 8, H, W)
-    assert (out - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32, other kernels: 1e-5 of the output's scale
 
 
 def test_padded_caption_tokens_are_ignored():
@@ -76,7 +76,7 @@ def test_matches_diffusers_full_xl2():
     with torch.no_grad():
         out = model(x, t, y, mask)
     expected = reference_forward(ref, x, t, y, mask)
-    assert (out - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32, other kernels: 1e-5 of the output's scale
 
 
 # -- the official .pth layout ----------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_official_pth_matches_diffusers(tmp_path):
     with torch.no_grad():
         out = model(x, t, y, mask)
     expected = reference_forward(ref, x, t, y, mask)
-    assert (out - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32, other kernels: 1e-5 of the output's scale
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
@@ -233,7 +233,7 @@ def test_save_diffusers_loads_in_diffusers(tmp_path):
     x, t, y, mask = inputs(TINY)
     expected = reference_forward(ref, x, t, y, mask)
     with torch.no_grad():
-        assert (model(x, t, y, mask) - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
+        assert (model(x, t, y, mask) - expected).abs().max() <= 1e-5 * expected.abs().max()  # of the output's scale
     again = weights.load_checkpoint(tmp_path / "transformer")  # and back, config from config.json
     assert again.config == dataclasses.replace(TINY, caption_tokens=300)  # diffusers doesn't record the length
     with pytest.raises(ValueError, match="no KV compression"):
@@ -265,7 +265,7 @@ def attention_on_patch_constant_tokens(mode, N=2, h=6, w=8, D=64):
 def test_kv_compression_is_exact_on_patch_constant_keys(mode):
     # 4 identical keys with 4 identical values weigh the same in softmax as 1 key: nothing changes.
     plain, compressed = attention_on_patch_constant_tokens(mode)
-    assert (plain - compressed).abs().max() < 1e-5
+    assert (plain - compressed).abs().max() <= 1e-5 * plain.abs().max()  # softmax over 4x the keys: fp32 rounding only
 
 
 def test_kv_conv_is_avgpool_plus_layernorm():
@@ -277,7 +277,8 @@ def test_kv_conv_is_avgpool_plus_layernorm():
         kv = torch.randn(N, h * w, D)
         c, p = conv.compress(kv, (h, w)), pool.compress(kv, (h, w))
         assert c.shape == p.shape == (N, h * w // 4, D)
-        assert (c - F.layer_norm(p, (D,), eps=1e-5)).abs().max() < 1e-5
+        want = F.layer_norm(p, (D,), eps=1e-5)
+        assert (c - want).abs().max() <= 1e-5 * want.abs().max()  # a conv's sum vs a mean: fp32 rounding
 
 
 def official_kv_attention(attn, x, H, W):
@@ -304,7 +305,8 @@ def test_kv_conv_matches_official_semantics():
         for p in attn.parameters():
             p.normal_(0, 0.3)  # trained-looking conv and norm, not the init
         x = torch.randn(2, h * w, D)
-        assert (attn(x, (h, w)) - official_kv_attention(attn, x, h, w)).abs().max() < 1e-5
+        want = official_kv_attention(attn, x, h, w)
+        assert (attn(x, (h, w)) - want).abs().max() <= 1e-5 * want.abs().max()  # fp32, fused vs written-out attention
 
 
 def reference_kv_attention(attn, x, H, W, mode):
@@ -335,7 +337,8 @@ def test_parameter_free_kv_modes_match_attention_over_compressed_keys(mode):
     attn = sigma.SelfAttention(D, 4, kv_compress=mode)
     with torch.no_grad():
         x = torch.randn(2, h * w, D)  # every token different: which one a patch keeps matters
-        assert (attn(x, (h, w)) - reference_kv_attention(attn, x, h, w, mode)).abs().max() < 1e-5
+        want = reference_kv_attention(attn, x, h, w, mode)
+        assert (attn(x, (h, w)) - want).abs().max() <= 1e-5 * want.abs().max()  # fp32, fused vs written-out attention
 
 
 @pytest.mark.parametrize("mode", ["conv", "uniform", "avgpool"])
@@ -354,7 +357,9 @@ def test_kv_model_compresses_exactly_the_configured_blocks(mode):
         out, uncompressed = model(x, t, y, mask), plain(x, t, y, mask)
         plain.blocks[1].attn.forward = lambda z, hw: kv_reference(model.blocks[1].attn, z, *hw, mode)
         expected = plain(x, t, y, mask)
-    assert (out - expected).abs().max() < 1e-5 and (out - uncompressed).abs().max() > 1e-2
+    # outputs of magnitude ~14: 1e-5 of that (an absolute 1e-5 is 6 float32 ulps there, which AMD EPYC exceeds)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (out - uncompressed).abs().max() > 1e-3 * expected.abs().max()
 
 
 def test_default_kv_layers_are_the_official_deep_half():
@@ -391,7 +396,8 @@ def test_scratch_init_starts_at_zero_output_and_checkpointing_keeps_gradients():
         model.gradient_checkpointing = ckpt
         model(x, t, y, mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    # the same forward recomputed: equal but for fp32 rounding, relative to the largest gradient
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
 
 
 def test_position_embedding_matches_diffusers():
@@ -399,7 +405,8 @@ def test_position_embedding_matches_diffusers():
     for h, w, base, interp in [(16, 16, 16, 1.0), (8, 24, 64, 2.0), (32, 12, 128, 4.0)]:
         ours = sigma.pos_embed_2d(1152, h, w, base, interp)
         theirs = get_2d_sincos_pos_embed(1152, (h, w), base_size=base, interpolation_scale=interp, output_type="pt")
-        assert ours.shape == (h * w, 1152) and (ours - theirs.float()).abs().max() < 1e-5
+        # sin and cos in [-1, 1]: float32 against diffusers' float64, relative to the table's magnitude
+        assert ours.shape == (h * w, 1152) and (ours - theirs.float()).abs().max() <= 1e-5 * theirs.abs().max()
 
 
 def test_truncated_safetensors_is_reported(tmp_path):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import cli
 import hub
 import quickstart
 import sigma
@@ -28,9 +29,9 @@ def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
     # stage 1 trains with --vae over the components' VAE: sample.py --model <run> must decode with that one
     text = quickstart.components(str(tmp_path / "text"))
     old, new = (weak_to_strong.train_vae(str(tmp_path / name), (8, 16), steps=1, seed=i) for i, name in enumerate("ab"))
-    train.main(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--vae", new],
-               dataset=quickstart.ShapesDataset(16), components=dict(text, vae=old),
-               config=sigma.SigmaConfig(**weak_to_strong.DIT), defaults=weak_to_strong.DEFAULTS)
+    args = cli.parse_train_args(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--vae", new],
+                                weak_to_strong.DEFAULTS, need_data=False, own_components=True)
+    train.main(args, quickstart.ShapesDataset(16), dict(text, vae=old), sigma.SigmaConfig(**weak_to_strong.DIT))
     assert hub.run_settings(str(tmp_path / "run" / "step_0000001" / "ema.safetensors"))["vae"] == os.path.abspath(new)
 
 
