@@ -295,11 +295,12 @@ def train(argv=None):
 
 
 # The LoRA demo: the quick-start DiT, frozen, learns in rank-8 adapters to draw its shapes as outlines, a style its data
-# never shows. Flags before the user's (theirs win); LoRA's own lr default (1e-4, for pretrained giants) is far too slow
-# for this tiny model's few hundred steps.
+# never shows. Flags before the user's (theirs win). Measured on the style score at scale 1 (README): lr 1e-3 on the
+# blocks' layers reached 13% outlined at 300 steps and 74% at 600; lr 3e-3 on every layer (--lora-targets all: the
+# output layer too) 23% at 150 and 100% at 450. LoRA's own default lr, 1e-4, is sized for pretrained giants.
 OUTLINE = 0.12  # the border's width, a fraction of the side: 2 px at 16 px
-LORA = ["--init", "runs/quickstart", "--lora-rank", "8", "--lr", "1e-3", "--warmup", "20", "--steps", "300",
-        "--save-every", "100", "--preview-every", "300", "--out", "runs/quickstart_lora"]
+LORA = ["--init", "runs/quickstart", "--lora-rank", "8", "--lora-targets", "all", "--lr", "3e-3", "--warmup", "20",
+        "--steps", "500", "--save-every", "100", "--preview-every", "500", "--out", "runs/quickstart_lora"]
 
 
 def lora(argv=None):
