@@ -337,6 +337,7 @@ def evaluate(argv=None):
     import cli
     import hub
     import sample
+    import train as trainer
     p = cli.ArgumentParser(prog="quickstart.py score", description=evaluate.__doc__)
     p.add_argument("run", help="a quick-start run folder (or one of its step_*/ checkpoints)")
     p.add_argument("--n", type=int, default=2, help="samples per caption (seeds 1000, 1001, ...)")
@@ -379,7 +380,7 @@ def evaluate(argv=None):
               f"distance to the nearest drawing {r['rmse']:.3f} rms")
     if args.grid:
         labels = [p + (" (held out)" if p in ShapesDataset.held_out() else "") for p in GRID_PROMPTS]
-        sample.save_grid(run(GRID_PROMPTS, 6, 0), labels, args.grid)
+        trainer.save_grid(run(GRID_PROMPTS, 6, 0), labels, args.grid)
     return result
 
 
@@ -389,7 +390,7 @@ def evaluate_lora(args, model, generate, path):
     import copy
     import numpy as np
     import lora as lora_lib
-    import sample
+    import train as trainer
     adapter, result, rows = lora_lib.read(args.lora), {}, []
     prompts = ShapesDataset.captions()
     for scale in (0.0, 0.5, 1.0):
@@ -402,7 +403,7 @@ def evaluate_lora(args, model, generate, path):
         rows += generate(GRID_PROMPTS[:6], 1, 0, merged) if args.grid else []
     if args.grid:
         labels = ["without the LoRA (scale 0)", "LoRA at scale 0.5", "LoRA at scale 1"]
-        sample.save_grid(rows, labels, args.grid)
+        trainer.save_grid(rows, labels, args.grid)
     return result
 
 
