@@ -45,10 +45,10 @@ def program():
     return os.path.basename(script) if script.endswith(".py") and os.path.dirname(script) == here else "train.py"
 
 
-def stop(message, code=1):
-    """End the run: `message` on stderr (None: this rank says nothing, rank 0 does), exit status `code`. A SystemExit:
+def stop(message, code=1, say=True):
+    """End the run: `message` on stderr (say=False: not on this rank; rank 0 says it), exit status `code`. A SystemExit:
     no `except Exception` swallows it, and a caller in the same process (the quick start, an experiment) stops too."""
-    if message:
+    if message and say:
         tqdm.write(f"{program()}: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -126,8 +126,9 @@ def diverged(args, step, what, rank):
     """Stop a run whose numbers are no longer finite, naming its last good checkpoint and what to change."""
     latest = weights.latest_checkpoint(args.out)
     then = f"the last good checkpoint is {latest}: --resume it" if latest else "no checkpoint yet: start again"
-    stop(f"step {step}: {what}; {then} with a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g})"
-         + (", or in float32 (without --bf16)" if args.bf16 else "") if rank == 0 else None)
+    fp32 = ", or in float32 (without --bf16)" if args.bf16 else ""
+    stop(f"step {step}: {what}; {then} with a lower --lr (now {args.lr:g}) or --clip (now {args.clip:g}){fp32}",
+         say=rank == 0)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -185,7 +186,7 @@ def trainer_state(step, **load):
     try:
         return torch.load(os.path.join(step, "trainer.pt"), weights_only=True, **load)
     except Exception as e:  # a save cut short outside save_state's atomic rename, a disk error
-        raise ValueError(f"cannot read {step}/trainer.pt ({type(e).__name__}: {str(e).splitlines()[0]}); point the "
+        raise ValueError(f"cannot read {step}/trainer.pt ({weights.first_line(e)}); point the "
                          "run's 'latest' at an earlier step_N folder") from None
 
 

@@ -72,7 +72,7 @@ def parse_device(text):
     try:
         torch.empty(0, device=device)
     except Exception as e:  # no CUDA build, no GPU, index out of range
-        raise ValueError(f"--device {text}: not available here ({str(e).splitlines()[0]}); use cpu") from None
+        raise ValueError(f"--device {text}: not available here ({weights.first_line(e)}); use cpu") from None
     return device
 
 
@@ -142,14 +142,43 @@ def check_sample_args(args):
 
 
 # ---------------------------------------------------------------------------------------------- train.py
+def typed_flags(argv):
+    """The flags as typed on the command line ('--lr=1e-3' -> '--lr'); abbreviations are off (allow_abbrev=False)."""
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
 def parse_train_args(argv=None, defaults=None, need_data=True, own_components=False, doc=None):
     """train.py's flags -> args, checked (check_train_args); defaults: a caller's own (shown by --help, explicit flags
     win); need_data: --data is required (False: the caller brings the dataset, and --data is refused);
     own_components: the caller brings T5 and the VAE (--components is refused); doc: the help's description."""
+    # Which default wins, lowest first: train_parser's own, the caller's `defaults` (the quick start's), LoRA's
+    # (lora.TRAIN_DEFAULTS, with --lora-rank), the flags recorded in the run --resume continues; a flag typed on the
+    # command line beats them all. argv is parsed once; each later layer fills the flags that were not typed.
+    argv = sys.argv[1:] if argv is None else argv
+    p = train_parser(defaults, need_data, doc)
+    args = p.parse_args(argv)
+    typed = {action.dest for action in p._actions if typed_flags(argv) & set(action.option_strings)}  # names in args
+    recorded = checkpoints.recorded_flags(weights.latest_checkpoint(args.out)) if args.resume else None
+    for layer in (lora.TRAIN_DEFAULTS if args.lora_rank else {}, recorded or {}):
+        for name, value in layer.items():
+            if name not in typed:
+                setattr(args, name, value)
+    if need_data and not args.data:
+        p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
+    if not need_data and args.data:
+        p.error("--data: this entry point trains on its own dataset; use train.py for your images")
+    if not need_data and args.cache:
+        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
+    check_train_args(args, argv, own_components)
+    return args
+
+
+def train_parser(defaults=None, need_data=True, doc=None):
+    """train.py's flags, in the groups --help shows them: data, model, then add_loop_flags' optimisation, run, faults."""
     # no abbreviated flags: check_train_args must see every flag given, as typed
     p = ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
-    a = p.add_argument
     hidden = lambda text: text if need_data else argparse.SUPPRESS  # refused when the caller brings the dataset
+    a = p.add_argument_group("data").add_argument
     a("--data", help=hidden("folder of images + same-name .txt captions, or a .jsonl manifest"))
     a("--caption-keys", default="caption", help="jsonl caption fields with mixing weights, e.g. 'caption:0.5,vlm:0.5'")
     a("--image-size", type=int, default=1024, help="training resolution: picks the bucket table (256/512/1024/2048)")
@@ -157,6 +186,8 @@ def parse_train_args(argv=None, defaults=None, need_data=True, own_components=Fa
     a("--cache", help=hidden("feature cache folder: encode once with T5 + VAE, then train without them"))
     a("--components", default=None, help="folder or Hub repo with text_encoder/, tokenizer/, vae/ (default: PixArt-Σ's)")
     a("--vae", help="VAE to encode with instead of the components' (e.g. SD's for a PixArt-α run)")
+    a("--workers", type=int, default=4, help="data-loading processes per rank")
+    a = p.add_argument_group("model").add_argument
     a("--init", default="scratch", help="'scratch', a released name (256, 512, 1024, 2K), an official .pth, "
                                         "a diffusers folder, our .safetensors or a train.py run (latest; EMA weights if kept)")
     a("--config", default="1024", choices=list(sigma.CONFIGS), help="architecture for --init scratch: a released config name")
@@ -169,9 +200,14 @@ def parse_train_args(argv=None, defaults=None, need_data=True, own_components=Fa
     a("--lora-alpha", type=float, help="LoRA scale: ΔW = (alpha/rank)·B·A (default: alpha = rank)")
     a("--lora-targets", default="blocks", help="'blocks' (attention + MLP Linears of every block), 'all' (also the "
                                                "embedders, adaLN and output, as the official LoRA script) or a list")
-    a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
-    a("--resume", action="store_true", help="continue from --out/latest with the flags recorded there (a flag "
-                                              "given again changes that one: --steps, --lr, ...)")
+    add_loop_flags(p)
+    p.set_defaults(**(defaults or {}))
+    return p
+
+
+def add_loop_flags(p):
+    """train.py's flags of the training loop: optimisation, run, faults."""
+    a = p.add_argument_group("optimisation").add_argument
     a("--steps", type=int, default=1000, help="optimizer steps in total")
     a("--batch-size", type=int, default=4, help="images per rank per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -187,43 +223,32 @@ def parse_train_args(argv=None, defaults=None, need_data=True, own_components=Fa
     a("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
     a("--compile", action="store_true", help="torch.compile each DiT block (regional; checkpoints keep their keys)")
     a("--seed", type=int, default=0, help="seed of the data order and of the noise")
-    a("--workers", type=int, default=4, help="data-loading processes per rank")
+    a = p.add_argument_group("run").add_argument
+    a("--out", default="runs/train", help="run folder: checkpoints, log.jsonl")
+    a("--resume", action="store_true", help="continue from --out/latest with the flags recorded there (a flag "
+                                              "given again changes that one: --steps, --lr, ...)")
     a("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="keep the last N checkpoints (0 = all)")
     a("--log-every", type=int, default=10, help="log every N steps")
+    a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
+    a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
+      help="'|'-separated preview prompts")
+    a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
+    a("--clip-x0", type=float, help="sampling (previews, and sample.py on this run) clips x̂0 to [-B, B] (default: "
+                                     "off, as PixArt-Σ; where the latents' range is known, such as pixels × 4)")
+    a("--device", help="cuda or cpu (default: cuda when available)")
+    a = p.add_argument_group("faults").add_argument
     a("--max-nonfinite", type=int, default=5, help="stop after N steps in a row whose loss or gradient norm is not "
                                                     "finite (each one is skipped: nothing is updated)")
     a("--ddp-timeout", type=int, default=600, help="seconds a rank waits for the others in a collective before it "
                                                    "stops (one died or hangs); longer than any save or preview")
-    a("--preview-every", type=int, default=0, help="save a sample grid every N steps, a multiple of --save-every (0 = off)")
-    a("--preview-prompts", default="a photo of a cat on a sofa|a watercolor painting of a lighthouse at dawn",
-      help="'|'-separated preview prompts")
-    a("--clip-x0", type=float, help="sampling (previews, and sample.py on this run) clips x̂0 to [-B, B] (default: "
-                                     "off, as PixArt-Σ; where the latents' range is known, such as pixels × 4)")
-    a("--preview-sampler", default="dpm", choices=["dpm", "ancestral"], help="20-step DPM-Solver++ or 100-step IDDPM")
-    a("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(**(defaults or {}))
-    if p.parse_known_args(argv)[0].lora_rank:  # LoRA's own defaults (lora.py says why); explicit flags still win
-        p.set_defaults(**lora.TRAIN_DEFAULTS)
-    args = p.parse_args(argv)
-    if args.resume and (flags := checkpoints.recorded_flags(weights.latest_checkpoint(args.out))):
-        p.set_defaults(**flags)  # the run's own flags, recorded in its latest checkpoint; flags given again still win
-        args = p.parse_args(argv)
-    if need_data and not args.data:
-        p.error("--data is required (the no-download CPU demo: python quickstart.py train)")
-    if not need_data and args.data:
-        p.error("--data: this entry point trains on its own dataset; use train.py for your images")
-    if not need_data and args.cache:
-        raise ValueError("--cache builds from --data's images; this entry point brings its own dataset")
-    check_train_args(args, sys.argv[1:] if argv is None else argv, own_components)
-    return args
 
 
 def check_train_args(args, argv, own_components=False):
     """Every check that needs no weights and no data, before anything is built, downloaded or trained. argv: the flags
     as typed (a flag given but without effect is refused, not dropped); own_components: the caller brings T5 and VAE."""
     lora.check_train_args(args)  # the LoRA flags first
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    given = typed_flags(argv)
     value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
     check_ranges(args, [(f, value(f) >= 1, ">= 1") for f in ("--steps", "--batch-size", "--grad-accum", "--save-every",
                                                              "--log-every", "--image-size", "--caption-tokens",

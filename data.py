@@ -67,55 +67,11 @@ def scan(path, caption_keys=("caption",), control=False):
     counted: returns (records, skipped). No caption at all, or no image, is an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path} does not exist (a folder of images + .txt captions or a .jsonl)")
-    entries, uncaptioned = [], []  # (image path, [captions]), image names
     if os.path.isdir(path):
-        images = [n for n in sorted(os.listdir(path)) if os.path.splitext(n)[1].lower() in IMAGE_EXTS
-                  and not (control and os.path.splitext(os.path.splitext(n)[0])[1] == ".control")]  # not a condition
-        if not images:
-            raise ValueError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) in this folder (subfolders are not searched)")
-        for name in images:
-            txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
-            try:
-                caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
-            except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"--data: cannot read the caption {txt} ({e}); captions are UTF-8 text files") from None
-            if caption:
-                entries.append((os.path.join(path, name), [caption]))
-            else:
-                uncaptioned.append(name)
-        if not entries:
-            raise ValueError(f"--data {path}: none of its {len(images)} images has a caption; write each one's caption "
-                             f"in a same-name .txt file ({images[0]} + {os.path.splitext(images[0])[0]}.txt)")
-        if uncaptioned:  # an empty caption would silently train the unconditional model
-            print(f"data: skipping {len(uncaptioned)} of {len(images)} images without a caption (no or an empty "
-                  f"same-name .txt): {', '.join(uncaptioned[:3])}{', ...' if len(uncaptioned) > 3 else ''}")
+        entries, skipped = folder_entries(path, control)
     else:
-        root = os.path.dirname(os.path.abspath(path))
-        try:
-            lines = open(path, encoding="utf-8").read().splitlines()
-        except UnicodeDecodeError:
-            raise ValueError(f"--data {path}: not a UTF-8 text file; give a folder of images or a .jsonl manifest") from None
-        for n, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"--data {path} line {n + 1}: not JSON ({e}); a .jsonl manifest has one "
-                                 '{"image": ..., "caption": ...} object per line') from None
-            image = rec.get("image", rec.get("path")) if isinstance(rec, dict) else None
-            missing = [k for k in caption_keys if not isinstance(rec, dict) or k not in rec]
-            if image is None or missing:
-                raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
-                                 f"missing {missing or ['image']}")
-            if control and not isinstance(rec.get("control"), str):
-                raise ValueError(f"{path} line {n + 1}: a ControlNet needs each image's condition image: add "
-                                 '"control": "<path relative to the manifest>"')
-            entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]) + (
-                (os.path.join(root, rec["control"]),) if control else ()))
-    if control and os.path.isdir(path):  # the condition beside each image: cat.jpg -> cat.control.png
-        entries = [(image, captions, os.path.splitext(image)[0] + ".control.png") for image, captions in entries]
-    records, skipped = [], len(uncaptioned)
+        entries, skipped = manifest_entries(path, caption_keys, control), 0
+    records = []
     for image, captions, *cond in entries:
         try:
             with Image.open(image) as im:  # reads the header only
@@ -131,6 +87,64 @@ def scan(path, caption_keys=("caption",), control=False):
     if not records:
         raise ValueError(f"--data {path}: none of its images could be read (see the lines above)")
     return records, skipped
+
+
+def folder_entries(path, control=False):
+    """A folder of images and same-name .txt captions -> ([(image, [caption], (condition image: control only))],
+    images skipped for want of a caption, said)."""
+    images = [n for n in sorted(os.listdir(path)) if os.path.splitext(n)[1].lower() in IMAGE_EXTS
+              and not (control and os.path.splitext(os.path.splitext(n)[0])[1] == ".control")]  # not a condition
+    if not images:
+        raise ValueError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) in this folder (subfolders are not searched)")
+    entries, uncaptioned = [], []
+    for name in images:
+        txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
+        try:
+            caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--data: cannot read the caption {txt} ({e}); captions are UTF-8 text files") from None
+        if caption:  # the condition beside each image: cat.jpg -> cat.control.png
+            image = os.path.join(path, name)
+            entries.append((image, [caption]) + ((os.path.splitext(image)[0] + ".control.png",) if control else ()))
+        else:
+            uncaptioned.append(name)
+    if not entries:
+        raise ValueError(f"--data {path}: none of its {len(images)} images has a caption; write each one's caption "
+                         f"in a same-name .txt file ({images[0]} + {os.path.splitext(images[0])[0]}.txt)")
+    if uncaptioned:  # an empty caption would silently train the unconditional model
+        print(f"data: skipping {len(uncaptioned)} of {len(images)} images without a caption (no or an empty "
+              f"same-name .txt): {', '.join(uncaptioned[:3])}{', ...' if len(uncaptioned) > 3 else ''}")
+    return entries, len(uncaptioned)
+
+
+def manifest_entries(path, caption_keys, control=False):
+    """A .jsonl manifest, one {"image": ..., KEY: caption, ...} per line (paths relative to it) -> [(image, [captions],
+    (condition image: control only))]."""
+    root = os.path.dirname(os.path.abspath(path))
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--data {path}: not a UTF-8 text file; give a folder of images or a .jsonl manifest") from None
+    entries = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"--data {path} line {n + 1}: not JSON ({e}); a .jsonl manifest has one "
+                             '{"image": ..., "caption": ...} object per line') from None
+        image = rec.get("image", rec.get("path")) if isinstance(rec, dict) else None
+        missing = [k for k in caption_keys if not isinstance(rec, dict) or k not in rec]
+        if image is None or missing:
+            raise ValueError(f"{path} line {n + 1}: needs 'image' and caption keys {list(caption_keys)}, "
+                             f"missing {missing or ['image']}")
+        if control and not isinstance(rec.get("control"), str):
+            raise ValueError(f"{path} line {n + 1}: a ControlNet needs each image's condition image: add "
+                             '"control": "<path relative to the manifest>"')
+        entries.append((os.path.join(root, image), [str(rec[k]) for k in caption_keys]) + (
+            (os.path.join(root, rec["control"]),) if control else ()))
+    return entries
 
 
 def check_control(path, image, size):
@@ -174,6 +188,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- sampler
+def generator(seed, k, device="cpu"):
+    """The random stream of draw k (an epoch's order, a micro-batch's noise) of a run seeded `seed`: a pure function of
+    (seed, k), the same on every rank and after --resume, so nothing random needs saving."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + k)
+
+
 class BucketSampler:
     """Per-rank micro-batches: each global batch (batch_size × world) is one bucket, cut into rank slices."""
 
@@ -193,7 +213,7 @@ class BucketSampler:
 
     def epoch(self, epoch):
         """This rank's micro-batches of one epoch: a pure function of (seed, epoch)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = generator(self.seed, epoch)
         G, batches = self.batch_size * self.world, []
         for key in sorted(self.by_bucket):
             items = self.by_bucket[key]
@@ -235,7 +255,7 @@ def cache_problems(cache_dir, images, fp, shard_size=None):
         except FileNotFoundError:
             problems[name] = "missing"
         except Exception as e:  # safetensors' SafetensorError
-            problems[name] = f"damaged ({str(e).splitlines()[0]})"
+            problems[name] = f"damaged ({weights.first_line(e)})"
     return problems
 
 

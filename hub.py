@@ -55,7 +55,6 @@ def fetch(repo, filename, flag):
     backoff for ~25 s when no cached copy exists)."""
     where = f"{flag}: cannot get {filename} of https://huggingface.co/{repo}"
     fix = f"or pass a local copy with {flag} PATH"
-    first_line = lambda e: f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not cached(repo, [filename]):
         if huggingface_hub.constants.is_offline_mode():
             raise FileNotFoundError(f"{where}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache "
@@ -63,12 +62,12 @@ def fetch(repo, filename, flag):
         try:
             get_hf_file_metadata(hf_hub_url(repo, filename), timeout=10, retry_on_errors=False)
         except Exception as e:  # no network, gated, 404
-            raise FileNotFoundError(f"{where} ({first_line(e)}); connect to the internet to download it into the "
+            raise FileNotFoundError(f"{where} ({weights.first_line(e)}); connect to the internet to download it into the "
                                     f"Hugging Face cache (log in first for a gated repo), {fix}") from None
     try:
         return hf_hub_download(repo, filename)
     except Exception as e:  # the download broke off: one clear message instead of a traceback
-        raise FileNotFoundError(f"{where} ({first_line(e)}); run the command again to resume, {fix}") from None
+        raise FileNotFoundError(f"{where} ({weights.first_line(e)}); run the command again to resume, {fix}") from None
 
 
 def cached(repo, filenames):
@@ -196,7 +195,7 @@ def load(what, path, fn, *args, **kwargs):
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # truncated download, not a checkpoint, bad JSON: no torch traceback for the user
-        raise ValueError(f"cannot load the {what} from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"cannot load the {what} from {path}: {weights.first_line(e)}"
                          " -- the file looks damaged or incomplete; delete it and download it again (in the Hugging Face "
                          "cache: `hf cache verify REPO`, `hf cache rm model/REPO`), or pass a good local copy") from e
 

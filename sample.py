@@ -61,6 +61,14 @@ def encode_prompts(t5, tokenizer, prompts, negative=""):
     return (y, mask, *t5lib.encode(t5, tokenizer, [negative.lower().strip()]))
 
 
+def image_noise(shape, seeds):
+    """(1, C, h, w) and one seed per image -> their noise (B, C, h, w), each image's drawn alone on the CPU from its own
+    generator (as diffusers' pipeline draws one image), so an image is the same in any batch; and the generators,
+    which the ancestral sampler goes on drawing from."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return torch.cat([torch.randn(shape, generator=g) for g in generators]), generators
+
+
 @torch.no_grad()
 def sample_latents(model, captions, latent_size, *, n=1, seed=0, steps=20, cfg=4.5, sampler="dpm", clip_x0=None,
                    batch_size=1, progress=True):
@@ -72,11 +80,10 @@ def sample_latents(model, captions, latent_size, *, n=1, seed=0, steps=20, cfg=4
     latents, total, shape = [], len(y) * n, (1, model.config.in_channels, *latent_size)
     for start in range(0, total, batch_size):
         ks = range(start, min(start + batch_size, total))  # image k: prompt k // n, seed + k
-        gens = [torch.Generator("cpu").manual_seed(seed + k) for k in ks]  # one per image: its noise is drawn alone
-        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(weight.device)  # (B, C, h, w)
+        x, gens = image_noise(shape, [seed + k for k in ks])  # (B, C, h, w)
         p = [k // n for k in ks]  # with CFG one forward of B null + B captions
-        latents.append(diffusion.sample(model, x, y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg, clip_x0=clip_x0,
-                                        generator=gens, progress=progress))  # (B, C, h, w)
+        latents.append(diffusion.sample(model, x.to(weight.device), y[p], mask[p], y_neg, mask_neg, sampler, steps, cfg,
+                                        clip_x0=clip_x0, generator=gens, progress=progress))  # (B, C, h, w)
     return torch.cat(latents)
 
 
@@ -139,6 +146,29 @@ def main(argv=None):
     return 0
 
 
+def say_cost(args, model, name, size, generated, vae_factor, binning, prompts, device, dtype):
+    """Said before anything runs (sizes.check_cost): far above the training size one step can take hours, or more
+    memory than there is; a size that cannot fit is refused."""
+    rows = min(args.batch_size, prompts * args.n) * (2 if args.cfg > 1 else 1)  # CFG: a null row per image
+    weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # on the CPU: already loaded
+    free = sizes.free_memory(device) - (weights_bytes if device.type == "cuda" else 0)
+    trained = vae_factor * model.config.sample_size
+    if note := sizes.check_cost(model.config, size, generated, vae_factor, binning, rows, dtype.itemsize, free,
+                                sizes.flops_per_second(device, dtype), args.steps, args.force_size):
+        if name and generated[0] * generated[1] > 1.1 * trained**2:  # a released model, far above its size
+            note += "; no released checkpoint was trained at this size"
+            note += "" if args.kv_compress else ", --kv-compress avgpool makes it faster"
+        print(f"sample.py: {note}", file=sys.stderr)
+
+
+def warn_unknown_words(tokenizer, prompts):
+    """Any tokenizer: the words it has no pieces for become <unk>, which the model cannot read: said, per prompt."""
+    for prompt in prompts:
+        if unknown := [w for w in dict.fromkeys(prompt.lower().split()) if tokenizer.special["<unk>"] in tokenizer.encode(w)]:
+            print(f"sample.py: warning: the tokenizer does not know {', '.join(map(repr, unknown))} in {prompt!r}: "
+                  "they become <unk>, which the model cannot read", file=sys.stderr)
+
+
 def run(args):
     prompts, device = cli.check_sample_args(args)
     # LoRA files are small: read and checked now; --model <a train.py LoRA run> = its base model + its adapter
@@ -146,8 +176,8 @@ def run(args):
     local = os.path.exists(model_arg)
     path, name, repo = hub.resolve_model(model_arg) if local else (None, None, None)  # checked, not loaded yet
     files = hub.run_settings(path) if local else None  # a train.py run: its own components
-    # the VAE's pixels per latent, from its config.json (nothing loads yet): 8 for the released SDXL VAE
-    vae_factor = weights.vae_factor(((hub.check_components(args.components) if args.components else files) or {}).get("vae"))
+    known = hub.check_components(args.components) if args.components else files  # local components, or None (a Hub repo)
+    vae_factor = weights.vae_factor(known and known["vae"])  # pixels per latent, from its config.json (None: SDXL's 8)
     height, width = sizes.parse_size(args.size, vae_factor) if args.size else (None, None)
     if not local:  # a released name; auto: the native model for the size, 1024-MS up to ~1.5K, 2K-MS above
         model_arg = ("2K" if args.size and height * width > 1536 * 1536 else "1024") if model_arg == "auto" else model_arg
@@ -161,22 +191,11 @@ def run(args):
     trained = vae_factor * model.config.sample_size
     height, width = (height, width) if args.size else (trained, trained)
     gen_h, gen_w = sizes.generation_size(height, width, model.config, binning, vae_factor)
-    # said before anything runs: far above the training size one step can take hours, or more memory than there is
-    rows = min(args.batch_size, len(prompts) * args.n) * (2 if args.cfg > 1 else 1)  # CFG: a null row per image
-    weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # on the CPU: already loaded
-    free = sizes.free_memory(device) - (weights_bytes if device.type == "cuda" else 0)
-    if note := sizes.check_cost(model.config, (height, width), vae_factor, binning, rows, dtype.itemsize, free,
-                                sizes.flops_per_second(device, dtype), args.steps, args.force_size):
-        above = name and gen_h * gen_w > 1.1 * trained**2
-        print(f"sample.py: {note}" + ("; no released checkpoint was trained at this size" + (
-              "" if args.kv_compress else ", --kv-compress avgpool makes it faster") if above else ""), file=sys.stderr)
+    say_cost(args, model, name, (height, width), (gen_h, gen_w), vae_factor, binning, len(prompts), device, dtype)
     if files is None or args.components:  # T5 and the VAE: may download them
         files = dict(hub.resolve_components(args.components, repo, model_arg), clip_x0=files and files["clip_x0"])
     tokenizer = hub.load("tokenizer", files["tokenizer"], Tokenizer)
-    for prompt in prompts + [args.negative]:  # any tokenizer: words it has no pieces for become <unk>
-        if unknown := [w for w in dict.fromkeys(prompt.lower().split()) if tokenizer.special["<unk>"] in tokenizer.encode(w)]:
-            print(f"sample.py: warning: the tokenizer does not know {', '.join(map(repr, unknown))} in {prompt!r}: "
-                  "they become <unk>, which the model cannot read", file=sys.stderr)
+    warn_unknown_words(tokenizer, prompts + [args.negative])
     seed = random.randrange(2**31) if args.seed is None else args.seed
 
     # 1. T5 encodes the prompts, then leaves: T5-XXL (9.5 GB in bf16) is gone before the DiT arrives on the device

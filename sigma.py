@@ -139,10 +139,17 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(D, 3 * D)  # fused q, k, v
         self.proj = nn.Linear(D, D)
         if kv_compress == "conv":
-            # One depthwise ratio×ratio conv, shared by K and V, then a LayerNorm. Initialised to a plain
-            # average (weights 1/ratio²) so adding it to a trained model starts close to no compression.
+            # One depthwise ratio×ratio conv, shared by K and V, then a LayerNorm (average_init)
             self.sr = nn.Conv2d(D, D, kernel_size=ratio, stride=ratio, groups=D)
             self.norm = nn.LayerNorm(D)
+
+    @torch.no_grad()
+    def average_init(self):
+        """The paper's init of the compression (§3.2): the conv a plain ratio×ratio average (weights 1/ratio², bias 0),
+        the LayerNorm at 1/0, so that adding it to a trained model starts close to no compression."""
+        nn.init.constant_(self.sr.weight, 1 / self.ratio**2)
+        nn.init.zeros_(self.sr.bias)
+        self.norm.reset_parameters()
 
     def compress(self, kv, hw):
         """(M, T, D) keys or values on an h×w grid -> (M, T/ratio², D)."""
@@ -260,8 +267,7 @@ class PixArtSigma(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.weight)  # zero: each cross-attention starts as identity
             nn.init.zeros_(block.cross_attn.proj.bias)
             if hasattr(block.attn, "sr"):  # averaging conv: compression starts as 2×2 mean pooling
-                nn.init.constant_(block.attn.sr.weight, 1 / self.config.kv_compress_ratio**2)
-                nn.init.zeros_(block.attn.sr.bias)
+                block.attn.average_init()
         nn.init.zeros_(self.final_layer.linear.weight)  # zero: the model starts by predicting 0
         nn.init.zeros_(self.final_layer.linear.bias)
 

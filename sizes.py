@@ -121,16 +121,18 @@ def dit_cost(config, height, width, factor, rows, dtype_bytes):
     return T, rows * T * D * dtype_bytes * ACTIVATIONS, flops
 
 
-def check_cost(config, requested, factor, binning, rows, dtype_bytes, free_bytes, flops_per_s, steps, force=False):
-    """Sampling at `requested` (height, width), against the model's training size -> a warning line when the DiT's token
+def check_cost(config, requested, generated, factor, binning, rows, dtype_bytes, free_bytes, flops_per_s, steps,
+               force=False):
+    """Sampling at `requested` (height, width), which the DiT runs at `generated` (generation_size's, for `factor`
+    pixels per latent and `binning`), against the model's training size -> a warning line when the DiT's token
     count is above 1.1x the training size's or 4x below it (None otherwise), with the estimated memory and time; a
     ValueError when the activations would not fit in `free_bytes` or the DiT's work would take over MAX_SECONDS at
     `flops_per_s`, naming the largest size of the same shape that fits both (force: a warning instead)."""
     trained, step = factor * config.sample_size, grid_step(config, factor)
     T0 = dit_cost(config, trained, trained, factor, 1, dtype_bytes)[0]
-    (h, w), (gh, gw) = requested, generation_size(*requested, config, binning, factor)
+    (h, w), (gh, gw) = requested, generated
     cost = lambda hw: dit_cost(config, *generation_size(*hw, config, binning, factor), factor, rows, dtype_bytes)
-    T, memory, flops = cost((h, w))
+    T, memory, flops = dit_cost(config, gh, gw, factor, rows, dtype_bytes)
     line = f"--size {w}x{h}"
     if (gh, gw) != (h, w):
         line += (f" is sampled at {gw}x{gh} (" + ("the nearest trained aspect-ratio bucket" if binning else
@@ -148,7 +150,7 @@ def check_cost(config, requested, factor, binning, rows, dtype_bytes, free_bytes
     if over:
         # the largest size of this shape that fits in memory and in the hour: both grow with the size (binning keeps
         # the training bucket's area up to 1.5x it), so a bisection on the scale of the sides finds it
-        unit = 8 if factor > 1 else 1  # what --size accepts
+        unit = factor  # what --size accepts: whole latents
         scaled = lambda s: tuple(max(16, unit * int(side * s / unit)) for side in (h, w))
         fits = lambda s: (c := cost(scaled(s)))[1] <= free_bytes and seconds(c[2]) <= MAX_SECONDS
         lo, hi = 0.0, 1.0

@@ -145,7 +145,7 @@ def main(args, dataset=None, components=None, config=None):
                             args.preview_prompts.split("|"), args.preview_sampler, clip_x0=args.clip_x0)
             if signum:  # saved: stop with the shell's status for that signal (a scheduler may requeue the job)
                 checkpoints.stop(f"{signal.Signals(signum).name}: stopped after step {step}, saved in {path}; continue "
-                                 "with --resume" if master else None, 128 + signum)
+                                 "with --resume", 128 + signum, say=master)
 
     # Done: where the run is, and how to sample it
     if master:
@@ -219,7 +219,7 @@ def training_batches(args, dataset, start, encoders, null, caption_weights, capt
         valid = [i for i, item in enumerate(items) if item is not None]  # an image that failed to decode is None
         skipped, items = len(items) - len(valid), [items[i] for i in valid]
         rows = torch.tensor([rank * args.batch_size + i for i in valid], device=device)  # this rank's rows
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+        g = data.generator(args.seed, k, device)
         t = torch.randint(0, diffusion.NUM_TIMESTEPS, (global_size,), generator=g, device=device)[rows]
         drop = (torch.rand(global_size, generator=g, device=device) < args.caption_dropout)[rows]
         choice = torch.multinomial(caption_weights.to(device).expand(global_size, -1), 1, generator=g)[rows, 0].tolist()
@@ -257,11 +257,10 @@ def preview(model, captions, null, vae, path, prompts, sampler="dpm", per_prompt
     model.eval()
     images, shape = [], (1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
     for p in range(len(captions.y)):  # one prompt's images per batch (all at once was no faster on the CPU, and takes more memory)
-        gens = [torch.Generator().manual_seed(seed + p * per_prompt + j) for j in range(per_prompt)]
-        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(captions.y.device)  # (n, C, h, w)
-        x = diffusion.sample(model, x, captions.y[p:p + 1].expand(per_prompt, -1, -1), captions.mask[p:p + 1].expand(
-                             per_prompt, -1), null.y, null.mask, sampler, 20 if sampler == "dpm" else 100, cfg,
-                             clip_x0=clip_x0, generator=gens, progress=False)
+        x, gens = sample.image_noise(shape, [seed + p * per_prompt + j for j in range(per_prompt)])  # (n, C, h, w)
+        y, mask = captions.y[p:p + 1].expand(per_prompt, -1, -1), captions.mask[p:p + 1].expand(per_prompt, -1)
+        x = diffusion.sample(model, x.to(y.device), y, mask, null.y, null.mask, sampler, 20 if sampler == "dpm" else 100,
+                             cfg, clip_x0=clip_x0, generator=gens, progress=False)
         rgb = ((vae.decode(x).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         images += [Image.fromarray(image) for image in rgb]
     model.train()

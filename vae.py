@@ -83,10 +83,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, C, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, hw, C)
-        q, k, v = (f(t).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # (N, 1, hw, C)
-        t = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, hw, C), scale 1/sqrt(C)
-        return x + self.to_out[0](t).transpose(1, 2).reshape(N, C, h, w)
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, hw, C)
+        q, k, v = (f(tokens).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # (N, 1, hw, C)
+        tokens = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, hw, C), scale 1/sqrt(C)
+        return x + self.to_out[0](tokens).transpose(1, 2).reshape(N, C, h, w)
 
 
 class MidBlock(nn.Module):
@@ -173,13 +173,13 @@ def _tiled(fn, x, tile_in, tile_out, overlap):
     for i in range(0, x.shape[2], stride):
         row = []
         for j in range(0, x.shape[3], stride):
-            t = fn(x[:, :, i:i + tile_in, j:j + tile_in])
+            tile = fn(x[:, :, i:i + tile_in, j:j + tile_in])
             if above is not None:
-                _blend_(above[len(row)], t, n, dim=2)
+                _blend_(above[len(row)], tile, n, dim=2)
             if row:
-                _blend_(row[-1], t, n, dim=3)
-            row.append(t)
-        rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))  # each tile owns keep x keep
+                _blend_(row[-1], tile, n, dim=3)
+            row.append(tile)
+        rows.append(torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3))  # each tile owns keep x keep
         above = row
     return torch.cat(rows, dim=2)
 
@@ -207,17 +207,17 @@ class AutoencoderKL(nn.Module):
         return x.to(w.device, w.dtype)  # results come back in the input's dtype, on the model's device
 
     def _run(self, fn, x, tiled, pixels, tile_in, tile_out):
-        if pixels > self.config.tile_above if tiled is None else tiled:
-            return _tiled(fn, x, tile_in, tile_out, self.config.tile_overlap)
-        return fn(x)
+        if tiled is None:  # by size: above config.tile_above pixels
+            tiled = pixels > self.config.tile_above
+        return _tiled(fn, x, tile_in, tile_out, self.config.tile_overlap) if tiled else fn(x)
 
     def encode(self, images, sample=False, generator=None, tiled=None):
         """images (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, H/8, W/8): the posterior mean (mode),
         or with sample=True mean + std·ε (ε from `generator`, drawn like diffusers' latent_dist.sample).
         tiled=None tiles above config.tile_above pixels; True/False forces it. Returns images.dtype."""
-        x, t = self._check(images, self.config.in_channels, "images"), self.config.tile_latent
+        x, side = self._check(images, self.config.in_channels, "images"), self.config.tile_latent  # tile side, latents
         enc = lambda x: self.quant_conv(self.encoder(x))  # (N, 3, H, W) -> (N, 8, h, w)
-        moments = self._run(enc, x, tiled, x.shape[2] * x.shape[3], t * self.factor, t)
+        moments = self._run(enc, x, tiled, x.shape[2] * x.shape[3], side * self.factor, side)
         mean, logvar = moments.contiguous().chunk(2, dim=1)  # (N, 4, h, w) each
         if sample:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
@@ -228,10 +228,11 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents, tiled=None):
         """Scaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in about [-1, 1], not clamped; tiled as in
         encode. Returns latents.dtype."""
-        z, t = self._check(latents, self.config.latent_channels, "latents") / self.scaling_factor, self.config.tile_latent
+        z = self._check(latents, self.config.latent_channels, "latents") / self.scaling_factor
+        side = self.config.tile_latent  # tile side, in latents
         dec = lambda z: self.decoder(self.post_quant_conv(z))  # (N, 4, h, w) -> (N, 3, H, W)
-        return self._run(dec, z, tiled, z.shape[2] * z.shape[3] * self.factor ** 2, t, t * self.factor) \
-            .contiguous().to(latents.dtype)
+        images = self._run(dec, z, tiled, z.shape[2] * z.shape[3] * self.factor**2, side, side * self.factor)
+        return images.contiguous().to(latents.dtype)
 
 
 def convert_old_attention(sd):

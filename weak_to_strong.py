@@ -123,8 +123,8 @@ def run_curve(out, points, judge, vae, argv, comps, size):
     """One curve: train.main on the shapes up to each step of `points` in turn (--resume: the very same run,
     continued), judging its EMA weights at each; step 0: the --init model as train.main builds it for this
     setting (new VAE, size or KV layers), before any step. -> [dict(step, score, ...)]."""
-    flags = lambda *more: cli.parse_train_args([*argv, *more], dict(DEFAULTS, image_size=size), need_data=False,
-                                               own_components=True)
+    def flags(*more):  # the stage's train.py flags, parsed and checked
+        return cli.parse_train_args([*argv, *more], dict(DEFAULTS, image_size=size), need_data=False, own_components=True)
     curve = []
     for step in points:
         if step:
@@ -183,6 +183,19 @@ def main(argv=None):
     free = {mode: judge(hub.load_model(final(D("stage2_resolution")), None, mode), vaes["strong"])
             for mode in ("avgpool", "uniform")}  # parameter-free KV compression, no fine-tuning
 
+    stages = compare(adapt1, scratch1, adapt2, scratch2, adapt3, free)
+    results = dict(fast=args.fast, seeds_per_caption=plan["seeds"], held_out_captions=len(ShapesDataset.held_out()),
+                   weak_model=dict(steps=plan["weak"], score=stage0[-1]), stages=stages,
+                   wall_time_s=round(time.time() - t0), torch_threads=torch.get_num_threads())
+    json.dump(results, open(D("results.json"), "w"), indent=1)
+    plot(results, D("weak_to_strong.png"), plt)
+    say(results, D("results.json"))
+    return results
+
+
+def compare(adapt1, scratch1, adapt2, scratch2, adapt3, free):
+    """The curves -> each stage's figures: where the adapted model reaches the from-scratch baseline's final score
+    (stages 1 and 2), or comes within 2 points of the uncompressed model (stage 3)."""
     stages = {}
     for name, adapted, baseline in (("vae", adapt1, scratch1), ("resolution", adapt2, scratch2)):
         target, steps = baseline[-1]["score"], baseline[-1]["step"]
@@ -195,21 +208,21 @@ def main(argv=None):
     stages["kv"] = dict(adapted=adapt3, uncompressed=reference, conv_at_step0=adapt3[0]["score"],
                         no_finetune={m: r["score"] for m, r in free.items()}, steps_to_within_2_points=at,
                         adapted_final=adapt3[-1]["score"])
-    results = dict(fast=args.fast, seeds_per_caption=plan["seeds"], held_out_captions=len(ShapesDataset.held_out()),
-                   weak_model=dict(steps=plan["weak"], score=stage0[-1]), stages=stages,
-                   wall_time_s=round(time.time() - t0), torch_threads=torch.get_num_threads())
-    json.dump(results, open(D("results.json"), "w"), indent=1)
-    plot(results, D("weak_to_strong.png"), plt)
+    return stages
+
+
+def say(results, path):
+    """The results in a few lines."""
+    stages = results["stages"]
     for name in ("vae", "resolution"):
         s = stages[name]
         print(f"stage {name}: scratch {s['baseline_final']:.1f} after {s['baseline_steps']} steps; adapted reaches it at "
               f"step {s['steps_to_baseline']} ({'not reached' if s['steps_to_baseline'] is None else format(s['fraction_of_baseline_steps'], '.0%')}), "
               f"{s['adapted_final']:.1f} at {s['adapted'][-1]['step']}")
     k = stages["kv"]
-    print(f"stage kv: uncompressed {reference:.1f}; conv init at step 0 {k['conv_at_step0']:.1f}, within 2 points at step "
+    print(f"stage kv: uncompressed {k['uncompressed']:.1f}; conv init at step 0 {k['conv_at_step0']:.1f}, within 2 points at step "
           f"{k['steps_to_within_2_points']}; no fine-tuning: avgpool {k['no_finetune']['avgpool']:.1f}, uniform "
-          f"{k['no_finetune']['uniform']:.1f}; wall time {results['wall_time_s'] / 60:.1f} min -> {D('results.json')}")
-    return results
+          f"{k['no_finetune']['uniform']:.1f}; wall time {results['wall_time_s'] / 60:.1f} min -> {path}")
 
 
 def plot(results, path, plt):

@@ -97,6 +97,11 @@ def check_keys(found, expected, source, model, hint=""):
                          + (f"\n  shape mismatches: {show(misshaped)}" if misshaped else "") + (f"\n{hint}" if hint else ""))
 
 
+def first_line(error):
+    """An exception as one line for a message: 'TypeName: the first line of its text'."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def read_safetensors(path):
     """A .safetensors file -> (its tensors, its metadata); a damaged one -> one ValueError that says what to do."""
     try:
@@ -111,7 +116,7 @@ def read_torch(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"could not read {path} as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+        raise ValueError(f"could not read {path} as a torch checkpoint ({first_line(e)}; "
                          "read weights only, no pickled code runs): is the file complete? download it again") from None
     return sd.get("state_dict", sd)  # the official .pth and LDM .ckpt files wrap it
 
@@ -310,17 +315,14 @@ def read_state_dict(src):
 
 
 def _fill_in(sd, expected, config):
-    """What a checkpoint may lack and the model can start without: KV-compression layers added to a plain model
-    (paper §3.2: a conv that averages 2×2 tokens, a norm at 1/0; ~100 fine-tuning steps recover the loss), and the
-    null caption, which diffusers files do not store."""
+    """What a checkpoint may lack and the model can start without -> (sd, the blocks to which KV compression is added):
+    KV-compression layers added to a plain model (load_checkpoint gives them the paper's averaging init,
+    SelfAttention.average_init; ~100 fine-tuning steps recover the loss), and the null caption, which diffusers files
+    do not store."""
     added = sorted({int(k.split(".")[1]) for k in expected if k not in sd and (".attn.sr." in k or ".attn.norm." in k)})
-    D, r = config.hidden_size, config.kv_compress_ratio
     new = dict(device=sd["x_embedder.proj.weight"].device)  # beside the checkpoint's tensors (a GPU state dict too)
-    for i in added:
-        sd.update({f"blocks.{i}.attn.sr.weight": torch.full((D, 1, r, r), 1 / r**2, **new),
-                   f"blocks.{i}.attn.sr.bias": torch.zeros(D, **new),
-                   f"blocks.{i}.attn.norm.weight": torch.ones(D, **new), f"blocks.{i}.attn.norm.bias": torch.zeros(D, **new)})
     if added:
+        r = config.kv_compress_ratio
         print(f"weights: KV compression added to blocks {added}: conv initialised to {r}×{r} averaging, norm to 1/0 "
               f"(paper §3.2: fine-tune ~100 steps to recover)", file=sys.stderr)
     if "y_embedder.y_embedding" not in sd:
@@ -328,7 +330,7 @@ def _fill_in(sd, expected, config):
         print("weights: note: diffusers' format keeps no null-caption embedding (y_embedding); zeros are put in its "
               "place, which is fine: sampling never reads it (T5 encodes the negative prompt) and train.py fills it "
               "with T5(\"\")", file=sys.stderr)
-    return sd
+    return sd, added
 
 
 def load_checkpoint(src, config=None):
@@ -350,10 +352,17 @@ def load_checkpoint(src, config=None):
     with torch.device("meta"):  # no memory, no init work: every tensor comes from the checkpoint
         model = sigma.PixArtSigma(config)
     expected = model.state_dict()
-    sd = _fill_in(sd, expected, config)
-    check_keys(sd, expected, "state dict" if isinstance(src, dict) else os.fspath(src), f"the model config (depth "
-               f"{config.depth}, width {config.hidden_size}, KV layers {list(config.kv_compress_layers)})")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    sd, added = _fill_in(sd, expected, config)
+    kv_new = {f"blocks.{i}.attn.{m}.{p}" for i in added for m in ("sr", "norm") for p in ("weight", "bias")}
+    check_keys(sd, {k: v for k, v in expected.items() if k not in kv_new}, "state dict" if isinstance(src, dict) else
+               os.fspath(src), f"the model config (depth {config.depth}, width {config.hidden_size}, KV layers "
+               f"{list(config.kv_compress_layers)})")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True, strict=not added)
+    for i in added:  # the KV compression the checkpoint lacks: made real beside its tensors, the paper's averaging init
+        attn = model.blocks[i].attn
+        attn.sr.to_empty(device=sd["x_embedder.proj.weight"].device)
+        attn.norm.to_empty(device=sd["x_embedder.proj.weight"].device)
+        attn.average_init()
     return model.eval()
 
 

@@ -1,11 +1,12 @@
 """The checks of a pair, each tested on both sides of its line: a state dict's keys against the model's (missing,
 unexpected, misshaped: each alone), a sampling size against the training size (above and below, at each threshold),
-a prompt's tokens against T5's limit (just below, at and above it)."""
+a prompt's tokens against T5's limit (just below, at and above it), --caption-keys' weights against 0."""
 import warnings
 
 import pytest
 import torch
 
+import data
 import quickstart
 import sigma
 import sizes
@@ -44,21 +45,22 @@ def test_a_checkpoint_with_one_extra_tensor_is_refused():
 TRAINED = sigma.SigmaConfig(depth=2, hidden_size=32, num_heads=2, caption_tokens=8, sample_size=32, pe_interpolation=0.5)
 
 
-@pytest.mark.parametrize("side,says", [
-    (256, None), (224, None),                    # the training size, a little below it: nothing to say
-    (128, None), (112, "far"),                   # 1/4 of its tokens: still nothing; below that: a warning
-    (256 + 16, "larger"), (512, "larger"),       # above 1.1x its tokens: on a larger grid; up to 4x: not far
-    (512 + 16, "far"),                           # above 4x: far, too
+@pytest.mark.parametrize("h,w,says", [
+    (256, 256, None), (224, 224, None),              # the training size, a little below it: nothing to say
+    (128, 128, None), (112, 112, "far"),             # 1/4 of its tokens: still nothing; below that: a warning
+    (256, 272, None),                                # 1.06x its tokens: nothing yet (the line is at 1.1x)
+    (272, 272, "larger"), (512, 512, "larger"),      # above 1.1x: on a larger grid; up to 4x: not far
+    (528, 528, "far"),                               # above 4x: far, too
 ])
-def test_a_size_far_from_the_training_size_is_said_above_and_below(side, says):
-    note = sizes.check_cost(TRAINED, (side, side), 8, False, 2, 4, 2**40, 1e12, 1)
-    tokens = (side // 16) ** 2
+def test_a_size_far_from_the_training_size_is_said_above_and_below(h, w, says):
+    note = sizes.check_cost(TRAINED, (h, w), sizes.generation_size(h, w, TRAINED, False), 8, False, 2, 4, 2**40, 1e12, 1)
+    tokens = (h // 16) * (w // 16)
     if says is None:
         assert note is None
         return
-    assert note.startswith(f"--size {side}x{side}: {tokens:,} tokens, {tokens / 256:.3g}x the 256 of its training size")
+    assert note.startswith(f"--size {w}x{h}: {tokens:,} tokens, {tokens / 256:.3g}x the 256 of its training size")
     assert ("far from what it was trained at: expect a poor image" in note) == (says == "far")
-    assert ("the DiT runs on a larger grid" in note) == (side > 256)
+    assert ("the DiT runs on a larger grid" in note) == (tokens > 256)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,15 @@ def test_prompts_just_below_at_and_above_the_token_limit(shapes_tokenizer, words
     assert mask[0].tolist() == [1] * (kept + 1) + [0] * (299 - kept)
     said = [str(w.message) for w in caught]
     assert said == [] if words <= 299 else len(said) == 1 and said[0].startswith(f"prompt 0 has {words + 1} tokens")
+
+
+@pytest.mark.parametrize("text,weights", [("caption:1,vlm:0", [1.0, 0.0]), ("caption", [1.0]), ("caption:0.5,vlm:1.5", [0.5, 1.5]),
+                                          ("caption:0", None), ("caption:1,vlm:-1", None), ("caption:x", None)])
+def test_caption_key_weights_from_zero_up_not_all_zero(text, weights):
+    """A weight of 0 leaves a key out of the mix (allowed); negative, all 0 or not a number: refused in one line."""
+    if weights is None:
+        with pytest.raises(ValueError, match="--caption-keys .*: give KEY or KEY:WEIGHT,... with weights >= 0, not all 0"):
+            data.caption_keys(text)
+        return
+    keys, got = data.caption_keys(text)
+    assert keys == [k.partition(":")[0] for k in text.split(",")] and got.tolist() == weights

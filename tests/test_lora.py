@@ -186,6 +186,12 @@ def test_lora_resume_continues_exactly(tmp_path, base):
     assert logs[0] == logs[1]
     with pytest.raises(ValueError, match="other LoRA settings"):  # another rank than the checkpoint's
         quickstart.train(run_args(tmp_path / "b", *common[:3], 4, "--steps", 5, "--resume"))
+
+
+@pytest.mark.bf16_attention  # conftest.py
+def test_lora_trains_under_bf16_autocast(tmp_path, base):
+    common = ["--init", tmp_path / "base" / "model.safetensors", "--lora-rank", 2, "--lora-alpha", 3, "--lr", 1e-2,
+              "--grad-checkpoint"]
     bf16 = quickstart.train(run_args(tmp_path / "c", *common, "--steps", 2, "--bf16"))  # bf16 autocast: adapters train
     assert all(v.dtype == torch.float32 for v in lora.adapters(bf16).values())
     assert lora.adapters(bf16)["blocks.1.attn.qkv.lora_B"].abs().max() > 0

@@ -146,7 +146,8 @@ def test_size_cost_refuses_and_names_a_size_that_fits():
     """The largest size the refusal names passes the check, a size 10% larger on each side is refused, and with
     force=True only said; when not even the training bucket fits, the refusal says so."""
     config = sigma.CONFIGS["2K"]
-    check = lambda hw, free, force=False: sizes.check_cost(config, hw, 8, True, 2, 2, free, 1e14, 20, force)
+    check = lambda hw, free, force=False: sizes.check_cost(config, hw, sizes.generation_size(*hw, config), 8, True, 2, 2,
+                                                           free, 1e14, 20, force)
     with pytest.raises(ValueError, match="it would not fit; the largest size of this shape that fits in memory and in an "
                                          "hour is about") as e:
         check((4096, 3072), 2 * 2**30)
@@ -168,7 +169,8 @@ def test_size_cost_refuses_over_an_hour_and_names_a_size_that_fits():
     config = sigma.SigmaConfig(depth=3, hidden_size=128, num_heads=4, in_channels=3, out_channels=6, caption_channels=64,
                                caption_tokens=16, sample_size=16)
     flops = sizes.dit_cost(config, 1000, 1000, 1, 2, 4)[2]  # per step, 2 rows (CFG)
-    check = lambda hw, hours, force=False: sizes.check_cost(config, hw, 1, False, 2, 4, 2**50,
+    check = lambda hw, hours, force=False: sizes.check_cost(config, hw, sizes.generation_size(*hw, config, False, 1), 1,
+                                                            False, 2, 4, 2**50,
                                                             20 * flops / (hours * 3600), 20, force)
     assert "at least 59 min for 20 steps" in check((1000, 1000), 0.99)  # under the hour: said (far above 16²), not refused
     with pytest.raises(ValueError, match="at least 61 min for 20 steps: it would take over an hour; the largest size of "
@@ -323,6 +325,7 @@ def test_batches_never_change_an_image(components, sampler, one_thread):
     assert np.abs(alone - batched).max() <= 1
 
 
+@pytest.mark.bf16_attention  # conftest.py
 def test_dtype_aliases(components, tmp_path, capsys, one_thread):
     images = {}
     for dtype in ["fp32", "float32", "bf16", "BFloat16", "half", "float16"]:

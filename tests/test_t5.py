@@ -283,13 +283,7 @@ def released(tmp_path):
     return ref, ref.state_dict(), tmp_path
 
 
-# torch's bfloat16 attention fails on an AVX-512 CPU whose kernels are forced lower (ATEN_CPU_CAPABILITY=default or
-# avx2): "pack_vnni2 is only supported when avx512 is supported", from a bare F.scaled_dot_product_attention call too
-FORCED_BELOW_AVX512 = os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2") and "avx512" in \
-    (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
-
-
-@pytest.mark.skipif(FORCED_BELOW_AVX512, reason="torch: bf16 attention under a forced lower ATEN_CPU_CAPABILITY")
+@pytest.mark.bf16_attention  # conftest.py
 @pytest.mark.parametrize("tied_copy", [False, True])
 def test_load_sharded_folder_into_bf16(released, tied_copy):
     ref, sd, tmp = released

@@ -405,9 +405,9 @@ def test_a_damaged_cache_is_found_before_training_and_encoded_again(tmp_path, ti
         f.write(b"\0" * 16)
     capsys.readouterr()
     assert max_diff(run("repaired"), intact) == 0
-    assert (f"cache {cache}: encoding 3 files: shard_00001.safetensors damaged (Error while deserializing header: "
+    assert (f"cache {cache}: encoding 3 files: shard_00001.safetensors damaged (SafetensorError: Error while deserializing header: "
             "incomplete metadata, file not fully covered); shard_00002.safetensors missing; shard_00003.safetensors "
-            "damaged (Error while deserializing header: ") in capsys.readouterr().out
+            "damaged (SafetensorError: Error while deserializing header: ") in capsys.readouterr().out
     assert os.path.getmtime(cache / "shard_00000.safetensors") == stamp  # intact: not encoded again
     monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)  # as if a later data.py opened it
     assert max_diff(run("later"), intact) == 0

@@ -150,6 +150,7 @@ def test_attention_never_builds_the_pixel_by_pixel_matrix():
     assert not ops & {"aten::softmax", "aten::_softmax", "aten::bmm", "aten::baddbmm"}, ops
 
 
+@pytest.mark.bf16_attention  # conftest.py
 def test_fp16_upcasts_the_sdxl_vae_and_refuses_by_hand_bf16_runs(tmp_path):
     ref = reference(**SMALL)  # diffusers' default force_upcast=True, as in SDXL's config.json
     with pytest.warns(UserWarning, match="float16"):
