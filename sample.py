@@ -136,21 +136,6 @@ def enlarged(image, side):
     return image.resize((image.width * k, image.height * k), Image.NEAREST)
 
 
-def save_grid(images, labels, path, tile=128):
-    """A labelled grid PNG: one row per label (its text on the left), len(images) // len(labels) images a row, each
-    enlarged() to at least `tile` px tall (train.py's previews, the quick start's figures)."""
-    from PIL import ImageDraw
-    tiles = [enlarged(image, tile) for image in images]
-    n, (w, h) = len(images) // len(labels), tiles[0].size
-    margin = 12 + max(round(ImageDraw.Draw(tiles[0]).textlength(label)) for label in labels)
-    grid = Image.new("RGB", (margin + n * w, len(labels) * h), "white")
-    for k, image in enumerate(tiles):
-        grid.paste(image, (margin + k % n * w, k // n * h))
-    for r, label in enumerate(labels):
-        ImageDraw.Draw(grid).text((6, r * h + h // 2 - 6), label, fill="black")
-    grid.save(path)
-
-
 def main(argv=None):
     args = cli.sample_parser(__doc__).parse_args(argv)
     try:

@@ -565,6 +565,43 @@ def test_quickstart_score_tells_shapes_and_colours_apart():
     assert quickstart.score(noisy, captions)["rmse"] > 0.7
 
 
+def test_quickstart_style_judge_tells_outlines_from_filled_shapes():
+    """score_style, the LoRA demo's judge: the data's shapes drawn filled score 0 outlined, the same shapes as outlines
+    1 (every size and position of the data's range), each with its own shape; pure noise has no shape."""
+    ds, outlined = quickstart.ShapesDataset(16), quickstart.ShapesDataset(16, outline=quickstart.OUTLINE)
+    captions = [ds[i]["captions"][0] for i in range(60)]
+    assert [outlined[i]["captions"][0] for i in range(60)] == captions  # the same shapes, colours and places
+    filled = quickstart.score_style([ds[i]["image"] for i in range(60)], captions, quickstart.OUTLINE)
+    styled = quickstart.score_style([outlined[i]["image"] for i in range(60)], captions, quickstart.OUTLINE)
+    assert filled == dict(outlined=0.0, shape=1.0) and styled == dict(outlined=1.0, shape=1.0), (filled, styled)
+    a, b = ds[0]["image"], outlined[0]["image"]  # an outline is the filled shape with its inside in the background colour
+    assert ((a - b).abs().amax(0) > 0.1).sum() > 10 and torch.equal(a[:, 0], b[:, 0])
+
+
+def test_quickstart_lora_demo_trains_and_scores(tmp_path, tiny, monkeypatch, capsys):
+    """`quickstart.py lora`: adapters on a quick-start run, trained on outlined shapes with the base run's own T5 and
+    tokenizer; `score BASE --lora RUN` samples at scales 0, 0.5, 1 and draws the grid (6 of the captions here, for
+    time). Without a base run it trains one first."""
+    base, run = tmp_path / "base", tmp_path / "lora"
+    quickstart.train(run_args(base, "--steps", 2))
+    quickstart.lora(run_args(run, "--init", base, "--steps", 2, "--preview-every", 0))
+    assert sorted(os.listdir(run / "step_0000002")) == ["adapter_config.json", "adapter_model.safetensors", "trainer.pt"]
+    assert json.load(open(run / "sample.json"))["tokenizer"] == str(base / "tokenizer" / "spiece.model")
+    capsys.readouterr()
+    monkeypatch.setattr(quickstart.ShapesDataset, "captions", classmethod(lambda cls: quickstart.GRID_PROMPTS[:6]))
+    result = quickstart.main(["score", str(base), "--lora", str(run), "--n", "1", "--steps", "2", "--grid",
+                              str(tmp_path / "grid.png")])
+    assert set(result) == {0.0, 0.5, 1.0} and all(set(r) == {"outlined", "shape"} for r in result.values())
+    out = capsys.readouterr().out
+    assert out.count("6 samples of all 6 captions: outlined ") == 3
+    assert Image.open(tmp_path / "grid.png").height == 3 * 128  # a row per scale
+    calls = []
+    monkeypatch.setattr(quickstart, "train", lambda argv: calls.append(argv))
+    with pytest.raises(ValueError):  # nothing trained by the stand-in: then no checkpoint to start from
+        quickstart.lora(run_args(tmp_path / "lora2", "--init", tmp_path / "none", "--steps", 2))
+    assert calls == [["--out", str(tmp_path / "none")]]
+
+
 def test_quickstart_holds_captions_out_of_training():
     """15 of the 90 combinations are never drawn for training; each of their words still is, in other captions."""
     held, seen = set(quickstart.ShapesDataset.captions(True)), set(quickstart.ShapesDataset.captions(False))
