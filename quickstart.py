@@ -308,6 +308,7 @@ def lora(argv=None):
     trained first when it does not exist), trained on the shapes drawn as outlines; then
     `python quickstart.py score runs/quickstart --lora runs/quickstart_lora` measures the style at scales 0, 0.5, 1."""
     import argparse
+    import checkpoints
     import cli
     import hub
     import train as trainer
@@ -318,7 +319,7 @@ def lora(argv=None):
     if not os.path.exists(init):
         print(f"quickstart.py lora: no model at {init} yet: training it first (python quickstart.py train --out {init})")
         train(["--out", init])
-    files = hub.run_settings(hub.resolve_model(init, "--init")[0])
+    files = checkpoints.run_settings(hub.resolve_model(init, "--init")[0])
     if files is None:
         raise ValueError(f"--init {init} is not a quick-start run (no sample.json beside it)")
     args = cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
@@ -334,6 +335,7 @@ def evaluate(argv=None):
     checkpoint as `sample.py --model <run>` does, and print score(): how many samples show the right shape
     and colours."""
     import numpy as np
+    import checkpoints
     import cli
     import hub
     import sample
@@ -355,7 +357,7 @@ def evaluate(argv=None):
     if not os.path.exists(args.run):
         raise ValueError(f"no such run {args.run!r}: `python quickstart.py train` writes runs/quickstart")
     path, name, _ = hub.resolve_model(args.run, "quickstart.py score")
-    files = hub.run_settings(path)
+    files = checkpoints.run_settings(path)
     if files is None:
         raise ValueError(f"{args.run} is not a quick-start run (no sample.json beside it)")
     model = hub.load_model(path, name, None).eval()

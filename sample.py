@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import checkpoints
 import cli
 import diffusion
 import hub
@@ -175,7 +176,7 @@ def run(args):
     model_arg, loras = lora.split_model(args.model, [lora.read(spec) for spec in args.lora])
     local = os.path.exists(model_arg)
     path, name, repo = hub.resolve_model(model_arg) if local else (None, None, None)  # checked, not loaded yet
-    files = hub.run_settings(path) if local else None  # a train.py run: its own components
+    files = checkpoints.run_settings(path) if local else None  # a train.py run: its own components
     known = hub.check_components(args.components) if args.components else files  # local components, or None (a Hub repo)
     vae_factor = weights.vae_factor(known and known["vae"])  # pixels per latent, from its config.json (None: SDXL's 8)
     height, width = sizes.parse_size(args.size, vae_factor) if args.size else (None, None)

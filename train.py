@@ -316,7 +316,7 @@ def setup_run_folder(args, components, master):
         print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
               f"({f'the last {args.keep}' if args.keep else 'all'} kept), log.jsonl; stop any time and continue with --resume")
         if components is not None:  # --vae is the run's VAE
-            hub.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)
+            checkpoints.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)
 
 
 def create_model(args, resume, device, config=None, vae_factor=8):
