@@ -288,10 +288,15 @@ def train(argv=None):
     import train as trainer
     args = cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
     model = trainer.main(args, ShapesDataset(args.image_size), components(args.out, args.seed), sigma.SigmaConfig(**DIT))
-    if os.path.exists(preview := os.path.join(weights.latest_checkpoint(args.out), "preview.png")):
-        print(f"look at it: {preview} (the preview prompts, 4 seeds each, 8x larger)")
+    look_at(args.out)
     print(f"score it: python quickstart.py score {args.out}")
     return model
+
+
+def look_at(run):
+    """Name the run's last preview, the picture a person looks at first."""
+    if os.path.exists(preview := os.path.join(weights.latest_checkpoint(run), "preview.png")):
+        print(f"look at it: {preview} (the preview prompts, 4 seeds each, 8x larger)")
 
 
 # The LoRA demo: the quick-start DiT, frozen, learns in rank-8 adapters to draw its shapes as outlines, a style its data
@@ -326,6 +331,7 @@ def lora(argv=None):
     trainer.main(args, ShapesDataset(args.image_size, outline=OUTLINE),
                  dict(text_encoder=files["text_encoder"], tokenizer=files["tokenizer"], vae=files["vae"]),
                  sigma.SigmaConfig(**DIT))
+    look_at(args.out)
     print(f"score it: python quickstart.py score {args.init} --lora {args.out}  (or look: python sample.py --model "
           f"{args.init} --lora {args.out}:0.5 \"a red circle on a blue background\")")
 
