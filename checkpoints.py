@@ -5,7 +5,7 @@
         step_0001000/  model.safetensors (sample.py loads it), ema.safetensors, trainer.pt (the optimizer state, the
                        step, the data position and the run's flags), preview.png
         log.jsonl      one line per --log-every steps
-        sample.json    the components to sample with (hub.save_run_settings)
+        sample.json    the components to sample with (save_run_settings)
 
 What a fault does (the README's "When things go wrong"), and where:
 - kill -9, a power cut: every file is written under a temporary name and renamed (weights.atomic), `latest` last;
