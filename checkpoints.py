@@ -5,7 +5,7 @@
         step_0001000/  model.safetensors (sample.py loads it), ema.safetensors, trainer.pt (the optimizer state, the
                        step, the data position and the run's flags), preview.png
         log.jsonl      one line per --log-every steps
-        sample.json    the components to sample with (hub.save_run_settings)
+        sample.json    the components to sample with (save_run_settings)
 
 What a fault does (the README's "When things go wrong"), and where:
 - kill -9, a power cut: every file is written under a temporary name and renamed (weights.atomic), `latest` last;
@@ -51,6 +51,39 @@ def stop(message, code=1, say=True):
     if message and say:
         tqdm.write(f"{program()}: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------------------- sample.json
+def save_run_settings(out, components, clip_x0=None):
+    """out/sample.json: what `sample.py --model <run>` needs besides the weights, so that it takes no flags — the
+    local components the run trained with (text_encoder, tokenizer, vae), relative to the run folder when inside it,
+    and the x̂0 clipping range it samples with (train.py --clip-x0; None: none)."""
+    rel = lambda p: None if p is None else os.path.relpath(p, out) if os.path.abspath(p).startswith(
+        os.path.abspath(out) + os.sep) else os.path.abspath(p)
+    settings = {k: rel(components.get(k)) for k in ("text_encoder", "tokenizer", "vae")}
+    with open(os.path.join(out, "sample.json"), "w") as f:
+        json.dump(dict(settings, clip_x0=clip_x0), f)
+
+def run_settings(checkpoint):
+    """sample.json of the run a checkpoint belongs to (run/sample.json beside run/step_N/model.safetensors) ->
+    dict(text_encoder, tokenizer, vae, clip_x0) with absolute paths, each checked to exist; None when there is none."""
+    here = os.path.dirname(os.path.abspath(checkpoint))
+    for folder in (here, os.path.dirname(here)):
+        path = os.path.join(folder, "sample.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    settings = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--model {checkpoint}: {path} is not valid JSON ({e}); delete it and pass the run's "
+                                 "components with --components FOLDER") from None
+            files = {k: settings.get(k) and os.path.join(folder, settings[k]) for k in ("text_encoder", "tokenizer", "vae")}
+            for k, p in files.items():  # absolute paths stay as they are
+                if not p or not os.path.exists(p):
+                    raise ValueError(f"--model {checkpoint}: the {k} named in {path} is missing ({p}; moved?): pass "
+                                     "the components with --components FOLDER")
+            return dict(files, clip_x0=settings.get("clip_x0"))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- stopping early
@@ -250,7 +283,7 @@ def check_resume(args, resume, master):
         raise ValueError(f"--resume: cannot read the config of {resume}/model.safetensors ({type(e).__name__}: {e}); "
                          "point 'latest' at an earlier step_N folder, or start a new run") from None
     layers = args.kv_compress_layers and hub.parse_layers(args.kv_compress_layers, saved.depth)
-    run_vae = args.vae or (hub.run_settings(os.path.join(resume, "model.safetensors")) or {}).get("vae")
+    run_vae = args.vae or (run_settings(os.path.join(resume, "model.safetensors")) or {}).get("vae")
     for flag, now, then in (("--image-size", args.image_size, saved.sample_size * weights.vae_factor(run_vae)),
                             ("--caption-tokens", args.caption_tokens, saved.caption_tokens),
                             ("--kv-compress-layers", list(layers or saved.kv_compress_layers), list(saved.kv_compress_layers))):

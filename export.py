@@ -117,7 +117,7 @@ def export(run, out, components_flag=None):
     base, loras = lora.split_model(step, [])  # a LoRA run: its base model, merged with its adapter below
     # EMA weights when the run kept them, as sample.py takes; a LoRA run: the base model it names
     dit = hub.resolve_model(base)[0] if loras else weights.step_weights(step)
-    settings = hub.run_settings(dit if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
+    settings = checkpoints.run_settings(dit if loras else os.path.join(step, "model.safetensors"))  # run/sample.json
     if settings and settings["clip_x0"]:  # diffusers' DPMSolverMultistepScheduler has no fixed x̂0 clipping
         print(f"export.py: note: {run} samples with x̂0 clipped to ±{settings['clip_x0']:g} (train.py --clip-x0), which "
               "diffusers' pipeline does not do: its images will differ", file=sys.stderr)

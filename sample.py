@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import checkpoints
 import cli
 import data
 import diffusion
@@ -152,21 +153,6 @@ def enlarged(image, side):
     return image.resize((image.width * k, image.height * k), Image.NEAREST)
 
 
-def save_grid(images, labels, path, tile=128):
-    """A labelled grid PNG: one row per label (its text on the left), len(images) // len(labels) images a row, each
-    enlarged() to at least `tile` px tall (train.py's previews, the quick start's figures)."""
-    from PIL import ImageDraw
-    tiles = [enlarged(image, tile) for image in images]
-    n, (w, h) = len(images) // len(labels), tiles[0].size
-    margin = 12 + max(round(ImageDraw.Draw(tiles[0]).textlength(label)) for label in labels)
-    grid = Image.new("RGB", (margin + n * w, len(labels) * h), "white")
-    for k, image in enumerate(tiles):
-        grid.paste(image, (margin + k % n * w, k // n * h))
-    for r, label in enumerate(labels):
-        ImageDraw.Draw(grid).text((6, r * h + h // 2 - 6), label, fill="black")
-    grid.save(path)
-
-
 def main(argv=None):
     args = cli.sample_parser(__doc__).parse_args(argv)
     try:
@@ -206,7 +192,7 @@ def run(args):
     model_arg, loras = lora.split_model(args.model, [lora.read(spec) for spec in args.lora])
     local = os.path.exists(model_arg)
     path, name, repo = hub.resolve_model(model_arg) if local else (None, None, None)  # checked, not loaded yet
-    files = hub.run_settings(path) if local else None  # a train.py run: its own components
+    files = checkpoints.run_settings(path) if local else None  # a train.py run: its own components
     known = hub.check_components(args.components) if args.components else files  # local components, or None (a Hub repo)
     vae_factor = weights.vae_factor(known and known["vae"])  # pixels per latent, from its config.json (None: SDXL's 8)
     height, width = sizes.parse_size(args.size, vae_factor) if args.size else (None, None)

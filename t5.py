@@ -17,7 +17,7 @@ loading the released text_encoder/ folder is the identity (weights.load_t5 reads
     model = weights.load_t5("pixart_sigma_sdxlvae_T5_diffusers/text_encoder", dtype=torch.bfloat16, device="cuda")
     y, mask = encode(model, tokenizer, ["a cat on a mat", ""])  # (2, 300, 4096), (2, 300); "" = null caption
 
-CPU dtype: bf16 is the default on CPU too. Measured (tests/benchmark.py t5) on the project's 2-core AMD EPYC
+CPU dtype: bf16 is the default on CPU too. Measured (bench/benchmark.py t5) on the project's 2-core AMD EPYC
 with AVX512-BF16, torch 2.13, 2 of T5-XXL's layers, 2 prompts × 300 tokens: fp32 10.2–13.5 s, bf16 4.2–6.0 s
 (bf16/fp32 0.40–0.46 in each of 4 runs), and bf16 halves the memory (T5-XXL 9.5 GB vs 19 GB). On a CPU
 without native bf16 matmuls fp32 may be faster: pass dtype=torch.float32 there.

@@ -277,7 +277,7 @@ def preview_conditions(dataset, encoders, n):
 @torch.no_grad()
 def preview(model, captions, null, vae, path, prompts, sampler="dpm", per_prompt=4, cfg=4.5, seed=0, clip_x0=None,
             control=None):
-    """Grid PNG (sample.save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and
+    """Grid PNG (save_grid): one row per prompt, labelled with it, `per_prompt` seeds; CFG 4.5 and
     DPM-Solver++(2M) in 20 steps as sample.py runs it, or IDDPM's ancestral sampler in 100 (stochastic: forgives a
     young model's early mistakes). Image k (row k // per_prompt) is sample.py's image k with --seed `seed`: its noise
     drawn alone from seed + k. captions: the prompts' Caption; null: T5("")'s. control: a ControlNet's condition
@@ -294,7 +294,22 @@ def preview(model, captions, null, vae, path, prompts, sampler="dpm", per_prompt
         rgb = ((vae.decode(x).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         images += [Image.fromarray(image) for image in rgb]
     model.train()
-    sample.save_grid(images, prompts, path)  # small images enlarged
+    save_grid(images, prompts, path)  # small images enlarged
+
+
+def save_grid(images, labels, path, tile=128):
+    """A labelled grid PNG: one row per label (its text on the left), len(images) // len(labels) images a row, each
+    sample.enlarged() to at least `tile` px tall (the previews; the quick start's figures)."""
+    from PIL import ImageDraw
+    tiles = [sample.enlarged(image, tile) for image in images]
+    n, (w, h) = len(images) // len(labels), tiles[0].size
+    margin = 12 + max(round(ImageDraw.Draw(tiles[0]).textlength(label)) for label in labels)
+    grid = Image.new("RGB", (margin + n * w, len(labels) * h), "white")
+    for k, image in enumerate(tiles):
+        grid.paste(image, (margin + k % n * w, k // n * h))
+    for r, label in enumerate(labels):
+        ImageDraw.Draw(grid).text((6, r * h + h // 2 - 6), label, fill="black")
+    grid.save(path)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -331,9 +346,9 @@ def setup_run_folder(args, components, master):
     os.makedirs(args.out, exist_ok=True)
     if master:
         print(f"{checkpoints.program()}: run folder {args.out}: a checkpoint every {args.save_every} steps and at step {args.steps} "
-              f"(the last {args.keep or 'all'} kept), log.jsonl; stop any time and continue with --resume")
+              f"({f'the last {args.keep}' if args.keep else 'all'} kept), log.jsonl; stop any time and continue with --resume")
         if components is not None:  # --vae is the run's VAE
-            hub.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)
+            checkpoints.save_run_settings(args.out, dict(components, vae=cli.run_vae(args, components)), args.clip_x0)
 
 
 def create_model(args, resume, device, config=None, vae_factor=8):

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import checkpoints
 import cli
 import diffusion
 import hub
@@ -64,7 +65,7 @@ def files(tmp_path_factory):
     os.makedirs(run / "step_0000005")
     weights.save_checkpoint(sigma.PixArtSigma(config), str(run / "step_0000005" / "model.safetensors"))
     (run / "latest").write_text("step_0000005")
-    hub.save_run_settings(str(run), comps, 4.0)
+    checkpoints.save_run_settings(str(run), comps, 4.0)
     (root / "fresh").mkdir()
     (root / "fresh" / "log.jsonl").write_text("")  # a run that has not saved yet
     (root / "empty").mkdir()

@@ -1,4 +1,4 @@
-"""tests/gpu_check.py --dry: every section of the GPU check runs on the CPU (tiny configs), so the one command that
+"""bench/gpu_check.py --dry: every section of the GPU check runs on the CPU (tiny configs), so the one command that
 gets a few minutes of a GPU cannot fail on a typo, and its parity checks hold here too."""
 import json
 import os
@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.join(os.path.dirname(HERE), "bench")  # the GPU check is a script there, not a test
+sys.path.insert(0, BENCH)
 
 
 def test_gpu_check_dry_runs_every_section(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--dry", "--out", str(tmp_path),
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--dry", "--out", str(tmp_path),
                           "--budget", "900"], capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     report = json.load(open(tmp_path / "gpu_check.json"))
@@ -28,7 +30,7 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
 
 
 def test_gpu_check_refuses_bad_sections_and_a_missing_gpu(tmp_path):
-    script = os.path.join(HERE, "gpu_check.py")
+    script = os.path.join(BENCH, "gpu_check.py")
     res = subprocess.run([sys.executable, script, "--dry", "--only", "dit,warp"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown section(s) warp" in res.stderr
     res = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
@@ -41,7 +43,7 @@ def test_without_diffusers_ours_is_timed_alone(tmp_path):
     need it are skipped by name, not failed."""
     (tmp_path / "hide").mkdir()
     (tmp_path / "hide" / "diffusers.py").write_text("raise ImportError('hidden for this test')\n")
-    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--dry", "--out", str(tmp_path / "out"),
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--dry", "--out", str(tmp_path / "out"),
                           "--only", "env,dit,forward", "--sides", "64"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path / "hide")))
     report = json.load(open(tmp_path / "out" / "gpu_check.json"))

@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import hub
 import lora
 import quickstart
@@ -134,7 +135,7 @@ def base(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     folder = tmp_path / "base"
     quickstart.components(str(folder))
-    hub.save_run_settings(str(folder), quickstart.components(str(folder)), 4.0)
+    checkpoints.save_run_settings(str(folder), quickstart.components(str(folder)), 4.0)
     model = sigma.PixArtSigma(sigma.SigmaConfig(**quickstart.DIT))
     with torch.no_grad():  # random everywhere: the zero-inits (final layer, cross-attention out) would hide the LoRA
         for p in model.parameters():
@@ -229,7 +230,7 @@ def test_sample_refuses_a_lora_that_does_not_fit(tmp_path, capsys):
     wide = dict(TINY.__dict__, hidden_size=128)
     peft_lora(diffusers_model(sigma.SigmaConfig(**wide)), tmp_path / "wide", target_modules=["to_q"])
     weights.save_checkpoint(sigma.PixArtSigma(TINY), str(tmp_path / "tiny.safetensors"))
-    hub.save_run_settings(str(tmp_path), quickstart.components(str(tmp_path)), 4.0)  # no T5 or VAE is needed: the LoRA fails first
+    checkpoints.save_run_settings(str(tmp_path), quickstart.components(str(tmp_path)), 4.0)  # no T5 or VAE is needed: the LoRA fails first
     assert sample.main(["a cat", "--model", str(tmp_path / "tiny.safetensors"), "--lora", str(tmp_path / "wide")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "8 of its 8 tensors do not fit the model (depth 2, width 64)" in err

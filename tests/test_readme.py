@@ -39,3 +39,19 @@ def test_the_tour_line_counts_are_current():
     for f, n in counts:
         actual = sum(1 for _ in open(os.path.join(ROOT, f)))
         assert abs(actual - int(n)) <= 0.1 * actual, f"README says {f} has {n} lines; it has {actual}"
+
+
+def test_every_fidelity_claim_names_tests_that_exist():
+    """README's Fidelity table: each claim's "proved by" cell names tests/test_x.py::test_name, and each one exists."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index("## Fidelity")
+    rows = [line for line in text[start:text.index("\n## ", start + 1)].splitlines()
+            if line.startswith("| ") and not line.startswith(("| claim", "|---"))]
+    assert len(rows) >= 20, rows
+    missing = []
+    for row in rows:
+        proved_by = re.findall(r"`tests/(test_\w+\.py)::(\w+)`", row.rsplit(" | ", 1)[-1])
+        assert proved_by, f"a Fidelity claim names no test: {row[:80]}"
+        missing += [f"{f}::{n}" for f, n in proved_by
+                    if not os.path.isfile(os.path.join(ROOT, "tests", f)) or n not in names(os.path.join(ROOT, "tests", f))]
+    assert not missing, f"the README's Fidelity table names tests that do not exist: {missing}"

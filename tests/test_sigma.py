@@ -183,7 +183,7 @@ def test_adding_kv_compression_to_a_plain_checkpoint(capsys):
 
 def test_added_tensors_live_beside_the_checkpoint():
     """A state dict on another device (a GPU's; meta here) gives a model wholly on that device: the KV layers and
-    the null caption that loading adds too (tests/gpu_check.py found them left on the CPU)."""
+    the null caption that loading adds too (bench/gpu_check.py found them left on the CPU)."""
     sd = {k: v.to("meta") for k, v in diffusers_model(TINY).state_dict().items()}
     kv = weights.load_checkpoint(sd, dataclasses.replace(TINY, kv_compress_layers=(1,)))
     assert {v.device.type for v in kv.state_dict().values()} == {"meta"}

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import cli
 import hub
 import quickstart
@@ -32,7 +33,7 @@ def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
     args = cli.parse_train_args(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--vae", new],
                                 weak_to_strong.DEFAULTS, need_data=False, own_components=True)
     train.main(args, quickstart.ShapesDataset(16), dict(text, vae=old), sigma.SigmaConfig(**weak_to_strong.DIT))
-    assert hub.run_settings(str(tmp_path / "run" / "step_0000001" / "ema.safetensors"))["vae"] == os.path.abspath(new)
+    assert checkpoints.run_settings(str(tmp_path / "run" / "step_0000001" / "ema.safetensors"))["vae"] == os.path.abspath(new)
 
 
 @pytest.mark.slow

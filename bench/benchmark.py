@@ -1,6 +1,6 @@
 """Speed benchmarks: this code against the reference implementations, same weights, same inputs.
 
-A script, not a test:  python tests/benchmark.py [section ...]   (no section = all of them)
+A script, not a test:  python bench/benchmark.py [section ...]   (no section = all of them)
 Every section times ours and the reference in one run and prints the ratio ours/reference.
 """
 import copy
@@ -311,7 +311,7 @@ def bench_pipeline():
     diffusers' PixArtSigmaPipeline on identical components. CPU: the tiny random pipeline of tests/test_sample.py
     at 256². GPU (when present): full-size random weights at 1024², 2048², 4096² (pipeline_gpu)."""
     import tempfile
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from test_sample import diffusers_pipeline, reference_tokenizer, write_components
     import sample
     import weights

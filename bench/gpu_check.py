@@ -1,8 +1,8 @@
 """One command for every CUDA path of sigma: correctness against the references, speed, memory, training.
 
-    python tests/gpu_check.py                            # a CUDA machine: 9 minutes (--budget), random full-size weights
-    python tests/gpu_check.py --dry --out /tmp/gpu_dry   # the same code paths on the CPU, tiny configs (~1-2 minutes)
-    python tests/gpu_check.py --only train,compile       # some sections (names: --list)
+    python bench/gpu_check.py                            # a CUDA machine: 9 minutes (--budget), random full-size weights
+    python bench/gpu_check.py --dry --out /tmp/gpu_dry   # the same code paths on the CPU, tiny configs (~1-2 minutes)
+    python bench/gpu_check.py --only train,compile       # some sections (names: --list)
 
 SECTIONS runs in priority order, so that a run cut short has the figures that matter most: the chip, parity with
 diffusers, the eager DiT forward against diffusers' (interleaved, repeated: medians and spread), the two forwards'
@@ -40,7 +40,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the product, and the tests' references (test_sample, ...)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches a hub, here or on the GPU machine
 
 import controlnet  # noqa: E402
