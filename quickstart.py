@@ -528,9 +528,10 @@ def controlnet(argv=None):
 
 def base_files(run):
     """A quick-start run -> its checkpoint's path and its components (sample.json), or one line saying it is not one."""
+    import checkpoints
     import hub
     path = hub.resolve_model(run, "--init")[0]
-    files = hub.run_settings(path)
+    files = checkpoints.run_settings(path)
     if files is None or not files["clip_x0"]:
         raise ValueError(f"--init {run} is not a quick-start run (no pixel-space sample.json beside it)")
     return dict(files, path=path)
