@@ -101,7 +101,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 def draw(shape, color, bg, size, r, dy=0.0, dx=0.0, outline=0.0):
     """(3, size, size) in [-1, 1]: a `color` shape of radius r·size, centre offset (dy, dx)·size, on `bg`; outline > 0:
-    only its border, outline·size wide (the style the LoRA demo teaches; the quick start's data never shows it)."""
+    only its border, outline·size wide (the style the LoRA demo teaches; the quick start's data never shows it).
+    r, dy, dx may also be (K, 1, 1) tensors: K drawings at once, (K, 3, size, size)."""
     S = 2 * size  # draw at 2x, then average 2x2 pixels: smooth edges
     cy, cx = S / 2 + S * dy, S / 2 + S * dx
     y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
@@ -114,16 +115,16 @@ def draw(shape, color, bg, size, r, dy=0.0, dx=0.0, outline=0.0):
         return (y > cy - r) & (y < cy + 0.8 * r) & ((x - cx).abs() < 0.6 * (y - cy + r))  # upright triangle, apex on top
     inside = within(S * r) & ~within(S * (r - outline)) if outline else within(S * r)
     C = ShapesDataset.COLORS
-    img = torch.where(inside[None], torch.tensor(C[color])[:, None, None], torch.tensor(C[bg])[:, None, None]).float()
-    return torch.nn.functional.avg_pool2d(img[None], 2)[0] / 127.5 - 1
+    img = torch.where(inside.unsqueeze(-3), torch.tensor(C[color])[:, None, None], torch.tensor(C[bg])[:, None, None])
+    return torch.nn.functional.avg_pool2d(img.float(), 2) / 127.5 - 1  # (3, size, size) or (K, 3, size, size)
 
 
 @functools.lru_cache(maxsize=None)
 def drawings(shape, color, bg, size, outline=0.0):
     """(125, 3, size, size): the drawings score() compares with, at 5 sizes × 5 × 5 positions over the data's range."""
     lo, hi, d = *ShapesDataset.RADIUS, ShapesDataset.OFFSET
-    return torch.stack([draw(shape, color, bg, size, r, dy, dx, outline) for r in torch.linspace(lo, hi, 5).tolist()
-                        for dy in torch.linspace(-d, d, 5).tolist() for dx in torch.linspace(-d, d, 5).tolist()])
+    r, dy, dx = torch.meshgrid(torch.linspace(lo, hi, 5), torch.linspace(-d, d, 5), torch.linspace(-d, d, 5), indexing="ij")
+    return draw(shape, color, bg, size, *(v.reshape(-1, 1, 1) for v in (r, dy, dx)), outline)  # all 125 at once
 
 
 @torch.no_grad()

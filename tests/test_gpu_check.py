@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.join(os.path.dirname(HERE), "bench")  # the GPU check is a script there, not a test
 sys.path.insert(0, BENCH)
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: every section's models built and run once (CI runs the slow tests too)
 def test_gpu_check_dry_runs_every_section(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--dry", "--out", str(tmp_path),
                           "--budget", "900"], capture_output=True, text=True, timeout=900,
