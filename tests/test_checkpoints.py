@@ -501,7 +501,7 @@ def test_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, 
     assert losses(run)[step + 1] == pytest.approx(losses(tmp_path / "straight")[step + 1], rel=1e-5)
 
 
-@pytest.mark.parametrize("fault", ["killed", "hung"])
+@pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])  # hung: waits out an 8 s timeout
 def test_torchrun_a_dead_or_hung_rank_stops_the_other(tmp_path, tiny, free_port, fault):
     """kill -9 of rank 1 (or SIGSTOP: a rank that hangs) once step 2 is saved: rank 0 stops with one line instead of
     waiting for ever, at once when the peer's connection drops, after --ddp-timeout (8 s here) when it hangs;
