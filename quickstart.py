@@ -324,6 +324,8 @@ def lora(argv=None):
     only_init = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     only_init.add_argument("--init")
     init = only_init.parse_known_args(argv)[0].init  # the last --init given
+    if {"-h", "--help"} & set(argv):  # the flags first: --help trains nothing
+        cli.parse_train_args(argv, DEFAULTS, need_data=False, own_components=True)
     if not os.path.exists(init):
         print(f"quickstart.py lora: no model at {init} yet: training it first (python quickstart.py train --out {init})")
         train(["--out", init])
@@ -515,6 +517,8 @@ def controlnet(argv=None):
     given.add_argument("--out", default=CONTROLNET["out"])
     given.add_argument("--grid", help="controlnet-score's grid: condition | the model alone | with the ControlNet")
     known, rest = given.parse_known_args(argv or [])
+    if {"-h", "--help"} & set(rest):  # the flags first: --help trains nothing
+        cli.parse_train_args(rest, CONTROLNET, need_data=False, own_components=True)
     if not os.path.exists(known.init):  # the quick-start model first, as `python quickstart.py train` makes it
         print(f"quickstart.py controlnet: no model at --init {known.init}: training the quick start there first")
         train(["--out", known.init])

@@ -211,3 +211,13 @@ def test_quickstart_learns_shapes_and_colours(tmp_path):
     quickstart.main(["train", "--out", str(tmp_path), "--steps", "1500", "--preview-every", "0"])
     result = quickstart.main(["score", str(tmp_path), "--n", "1"])
     assert result["seen"]["color"] >= 0.8 and result["seen"]["shape"] >= 0.6, result
+
+
+@pytest.mark.parametrize("command", ["lora", "controlnet"])
+def test_quickstart_demo_help_trains_nothing(tmp_path, monkeypatch, capsys, command):
+    """`quickstart.py lora --help` / `controlnet --help` print the flags and exit: no base model is trained for it."""
+    calls = []
+    monkeypatch.setattr(quickstart, "train", lambda argv: calls.append(argv))
+    with pytest.raises(SystemExit) as e:
+        quickstart.main([command, "--init", str(tmp_path / "none"), "--help"])
+    assert e.value.code == 0 and calls == [] and "--steps" in capsys.readouterr().out
