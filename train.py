@@ -209,8 +209,9 @@ def train_step(net, model, ema, opt, batches, args, world, autocast):
     finite = bool(sums.isfinite().all() and grad_norm.isfinite())
     if finite:
         opt.step()
-        if ema is not None:  # ema ← decay·ema + (1 − decay)·model
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
+        if ema is not None:  # ema ← decay·ema + (1 − decay)·model, outside autograd: else each step's lerp is
+            with torch.no_grad():  # chained onto the last in a graph that lives as long as the run (memory grows)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
     opt.zero_grad(set_to_none=True)
     return StepResult(sums, grad_norm, finite, batch.epoch, skipped)
 
