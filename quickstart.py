@@ -46,8 +46,9 @@ from tokenizer import Tokenizer
 
 PIXEL_SCALE = 4.0  # the "latents" are the images × 4: pixel_space's scaling_factor
 # train.py flag defaults of the quick start (explicit flags still win), the tiny DiT (pixel space: 3 channels in, ε + v out) and T5.
-# 3 blocks and 2500 steps: 82 ms a step on 2 idle cores (4 blocks: 122 ms), held-out right shapes 99-100% for two seeds
-# (4 blocks: 99% at 2500 steps, 93% at 2000); previews with sample.py's DPM-Solver++ (20 steps: 0.75 s, IDDPM's 100: 4 s)
+# 3 blocks and 2500 steps: 82 ms a step on 2 idle cores the day they were chosen (4 blocks: 122 ms), held-out right
+# shapes 99-100% for two seeds (4 blocks: 99% at 2500 steps, 93% at 2000); previews with sample.py's DPM-Solver++
+# (20 steps: 0.75 s, IDDPM's 100: 4 s)
 DEFAULTS = dict(image_size=16, no_buckets=True, clip_x0=PIXEL_SCALE, batch_size=32, lr=1e-3, optimizer="adamw",
                 warmup=100, clip=1.0, ema=0.995, steps=2500, save_every=500, log_every=25, out="runs/quickstart",
                 workers=0, caption_tokens=16, lr_scaling=False, preview_every=500,
