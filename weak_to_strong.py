@@ -132,7 +132,7 @@ def run_curve(out, points, judge, vae, argv, comps, size):
                        sigma.SigmaConfig(**DIT))
             model = weights.load_checkpoint(os.path.join(weights.latest_checkpoint(out), "ema.safetensors"))
         else:
-            model = train.build_model(flags(), torch.device("cpu"), vae_factor=weights.vae_factor(vae))
+            model = train.build_model(flags("--out", out), torch.device("cpu"), vae_factor=weights.vae_factor(vae))
         curve.append(dict(step=step, **judge(model, vae)))
         print(f"weak-to-strong: {out} at step {step}: score {curve[-1]['score']:.1f} "
               f"(shape {curve[-1]['shape']:.0%}, colours {curve[-1]['color']:.0%})", flush=True)

@@ -36,6 +36,22 @@ def test_vae_flag_is_the_runs_vae_in_sample_json(tmp_path, one_thread):
     assert checkpoints.run_settings(str(tmp_path / "run" / "step_0000001" / "ema.safetensors"))["vae"] == os.path.abspath(new)
 
 
+def test_a_quick_start_run_in_the_working_folder_is_no_concern_of_its(tmp_path, monkeypatch, one_thread):
+    """README's order: `python quickstart.py train`, then `python weak_to_strong.py` in the same folder. A curve's
+    step-0 model is built with the curve's own --out; with the quick start's default (runs/quickstart) its flags were
+    checked against that run and refused ('already holds a run'), after the weak model had trained for minutes."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/quickstart/step_0002500")
+    with open("runs/quickstart/latest", "w") as f:
+        f.write("step_0002500")
+    text = quickstart.components(str(tmp_path / "text"))
+    vae = weak_to_strong.train_vae(str(tmp_path / "vae"), (8, 16), steps=1, seed=0)
+    judged = []
+    judge = lambda model, vae: judged.append(model) or dict(score=0.0, shape=0.0, color=0.0)  # noqa: E731
+    weak_to_strong.run_curve(str(tmp_path / "curve"), [0], judge, vae, [], dict(text, vae=vae), 16)
+    assert len(judged) == 1 and isinstance(judged[0], sigma.PixArtSigma)
+
+
 @pytest.mark.slow
 def test_weak_to_strong_fast_shows_the_effect(tmp_path, one_thread):
     # `python weak_to_strong.py --fast` (2.4 min on 2 idle cores; 15 min with one thread on 2 cores shared with 5
